@@ -1,0 +1,23 @@
+# The two commands a fresh machine needs (see README):
+#   make demo   — set up, then run the main job (text-to-image on the embedded default model)
+#   make test   — set up, then run the test suite (what CI runs)
+PY ?= python3
+PROMPT ?= a blue triangle
+
+.PHONY: setup demo test test-slow bench
+setup:
+	@# CPU build of torch from this machine's disk; a bare `torch` requirement would pull a multi-GB CUDA build
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+
+demo: setup
+	$(PY) -m minidiff generate "$(PROMPT)" --seed 0 --out demo.png
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) benchmarks/bench_unet_cpu.py

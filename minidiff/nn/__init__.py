@@ -1,0 +1,5 @@
+"""minidiff.nn — chapter 1's building blocks, from which every network in minidiff is made."""
+from .attention import (CrossAttention, FeedForward, GEGLU, SelfAttention, TimestepEmbedding, TransformerBlock,
+                        attention, attention_impl, get_attention_impl, set_attention_impl, sinusoidal_positions,
+                        timestep_embedding)
+from .resnet import BasicBlock, ResnetBlock

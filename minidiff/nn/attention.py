@@ -1,0 +1,216 @@
+"""Chapter 1.4 — attention and the transformer.
+
+Scaled dot-product attention (Vaswani et al., 2017, eq. 1):
+
+    Attention(Q, K, V) = softmax(Q Kᵀ / √d) V
+
+Q holds L queries, K and V hold S keys and values, each a vector of width d, for every batch item and head:
+q is [B, heads, L, d], k and v are [B, heads, S, d], the result is [B, heads, L, d].
+
+Two implementations compute the same function:
+  * "naive": the equation written out, for reading (and the reference the tests hold the fast path to);
+  * "sdpa":  torch's fused `scaled_dot_product_attention` (flash / memory-efficient kernels), the default.
+`set_attention_impl` picks the default for the whole library; `attention(..., impl=...)` overrides it per call.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_IMPL = "sdpa"
+
+
+def set_attention_impl(impl: str) -> None:
+    """Choose "naive" or "sdpa" as the library-wide default attention."""
+    global _IMPL
+    if impl not in ("naive", "sdpa"):
+        raise ValueError(f"attention impl must be 'naive' or 'sdpa', got {impl!r}")
+    _IMPL = impl
+
+
+def get_attention_impl() -> str:
+    return _IMPL
+
+
+@contextlib.contextmanager
+def attention_impl(impl: str):
+    """Context manager: `with attention_impl("naive"): ...` runs everything inside on the naive path."""
+    old = _IMPL
+    set_attention_impl(impl)
+    try:
+        yield
+    finally:
+        set_attention_impl(old)
+
+
+def attention(q, k, v, mask=None, causal: bool = False, impl: str | None = None):
+    """softmax(QKᵀ/√d + mask) V.
+
+    q: [B, h, L, d]; k, v: [B, h, S, d] -> [B, h, L, d].
+    mask: broadcastable to [B, h, L, S]; bool (True = attend) or float (added to the scores, -inf = blocked).
+    causal: query i sees keys j <= i only (a decoder, e.g. CLIP's text transformer).
+    """
+    impl = impl or _IMPL
+    if impl == "sdpa":
+        if causal and mask is not None:  # SDPA takes one or the other: fold causality into the mask
+            mask = _merge_causal(mask, q.shape[-2], k.shape[-2], q.device, q.dtype)
+            causal = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    if impl != "naive":
+        raise ValueError(f"attention impl must be 'naive' or 'sdpa', got {impl!r}")
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, h, L, S]
+    if causal:
+        mask = _merge_causal(mask, q.shape[-2], k.shape[-2], q.device, scores.dtype)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(dim=-1) @ v  # [B, h, L, d]
+
+
+def _merge_causal(mask, L, S, device, dtype):
+    # query i may see key j when j <= i (top-left aligned, as in SDPA's is_causal)
+    causal = torch.ones(L, S, dtype=torch.bool, device=device).tril()
+    if mask is None:
+        return causal
+    if mask.dtype == torch.bool:
+        return mask & causal
+    return mask.masked_fill(~causal, float("-inf")).to(dtype)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of a sequence x onto a context (itself, when context is None: self-attention).
+
+    x: [B, L, query_dim], context: [B, S, context_dim] -> [B, L, query_dim].
+    Q = x W_q, K = c W_k, V = c W_v are split into `heads` heads of width `dim_head`.
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
+                 qkv_bias: bool = False):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
+        # a list of one, so the parameter names match the published checkpoints ("to_out.0.weight")
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+
+    def forward(self, x, context=None, mask=None):
+        context = x if context is None else context
+        B, L, _ = x.shape
+        S = context.shape[1]
+        h = self.heads
+        q = self.to_q(x).view(B, L, h, -1).transpose(1, 2)        # [B, L, h*d] -> [B, h, L, d]
+        k = self.to_k(context).view(B, S, h, -1).transpose(1, 2)  # [B, h, S, d]
+        v = self.to_v(context).view(B, S, h, -1).transpose(1, 2)  # [B, h, S, d]
+        out = attention(q, k, v, mask=mask)                       # [B, h, L, d]
+        out = out.transpose(1, 2).reshape(B, L, -1)               # [B, L, h*d]
+        return self.to_out[0](out)
+
+
+class SelfAttention(CrossAttention):
+    """CrossAttention with the sequence attending to itself: x [B, L, dim] -> [B, L, dim]."""
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, qkv_bias: bool = False):
+        super().__init__(dim, None, heads, dim_head, qkv_bias)
+
+    def forward(self, x, mask=None):
+        return super().forward(x, None, mask)
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer, 2020): GEGLU(x) = (x W + b) ⊙ GELU(x V + c), one projection split in two."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """The transformer's position-wise MLP: dim -> 4·dim (GEGLU) -> dim. [B, L, dim] -> [B, L, dim]."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # indices 0 and 2 as in the published checkpoints (1 was a dropout)
+        self.net = nn.ModuleDict({"0": GEGLU(dim, dim * mult), "2": nn.Linear(dim * mult, dim)})
+
+    def forward(self, x):
+        return self.net["2"](self.net["0"](x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block as in SD's U-Net: self-attention, cross-attention onto the text, MLP.
+
+        x = x + SelfAttn(LN(x));  x = x + CrossAttn(LN(x), context);  x = x + FF(LN(x))
+
+    Without a context_dim the cross-attention is left out (a plain encoder block).
+    x: [B, L, dim], context: [B, S, context_dim] -> [B, L, dim].
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        if context_dim is not None:
+            self.norm2 = nn.LayerNorm(dim)
+            self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context=None):
+        x = x + self.attn1(self.norm1(x))
+        if hasattr(self, "attn2"):
+            x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+def sinusoidal_positions(length: int, dim: int, base: float = 10000.0):
+    """The transformer's fixed positional encoding (Vaswani et al., §3.5): [length, dim].
+
+    PE[p, 2i] = sin(p / base^(2i/dim)),  PE[p, 2i+1] = cos(p / base^(2i/dim)).
+    """
+    pos = torch.arange(length, dtype=torch.float32)[:, None]               # [L, 1]
+    freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)    # [dim/2]
+    pe = torch.zeros(length, dim)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)
+    return pe
+
+
+def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0, max_period: float = 10000.0):
+    """The diffusion timestep t as a sinusoid vector (DDPM, after the transformer's encoding): t [B] -> [B, dim].
+
+    freq_i = max_period^(-i / (dim/2 - shift)), i = 0 .. dim/2-1;  emb = [cos(t·freq), sin(t·freq)]
+    (SD v1 uses flip_sin_to_cos=True, shift=0: cosines first).
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift)
+    args = t[:, None].float() * torch.exp(exponent)[None, :]               # [B, half]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)            # [B, dim]
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoid -> Linear -> SiLU -> Linear: the learned time embedding added into every ResnetBlock. [B] -> [B, dim]."""
+
+    def __init__(self, in_dim: int, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0):
+        super().__init__()
+        self.in_dim, self.flip, self.shift = in_dim, flip_sin_to_cos, shift
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t, dtype=None):
+        emb = timestep_embedding(t, self.in_dim, self.flip, self.shift).to(dtype or self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(emb)))
