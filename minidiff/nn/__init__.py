@@ -3,3 +3,6 @@ from .attention import (CrossAttention, FeedForward, GEGLU, SelfAttention, Times
                         attention, attention_impl, get_attention_impl, set_attention_impl, sinusoidal_positions,
                         timestep_embedding)
 from .resnet import BasicBlock, ResnetBlock
+from .perceptron import MLP, Perceptron, relu
+from .conv import Conv2d, avg_pool2d, conv2d, max_pool2d
+from .latent import PCA, Autoencoder
