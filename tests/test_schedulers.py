@@ -1,0 +1,312 @@
+"""Chapter 9: every minidiff scheduler against the diffusers scheduler built from the same config dict.
+
+A fixed fake "network" (eps = 0.1·x + sin(t/50)) drives both samplers through whole loops; timesteps must be equal,
+and the sample after every step within 1e-5 (fp32, relative to the sample's scale).
+"""
+import inspect
+
+import diffusers
+import pytest
+import torch
+
+from minidiff.schedulers import (SCHEDULERS, SD_V1_CONFIG, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                                 EulerDiscreteScheduler, PNDMScheduler, make_scheduler)
+
+diffusers.utils.logging.set_verbosity_error()  # silence "config attributes ... will be ignored"
+
+SD = dict(SD_V1_CONFIG)
+LINEAR_V = {**SD, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "timestep_spacing": "trailing",
+            "prediction_type": "v_prediction"}
+COSINE = {**SD, "beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "linspace", "set_alpha_to_one": True}
+SHAPE = (2, 4, 8, 8)
+
+
+def fake_model(x, t):
+    """A deterministic stand-in for the U-Net: depends on both the sample and the timestep."""
+    return 0.1 * x + torch.sin(torch.as_tensor(t, dtype=torch.float32) / 50.0)
+
+
+def pair(name, cfg):
+    ours = make_scheduler(name, cfg)
+    ref = getattr(diffusers, ours.class_name).from_config(cfg)
+    return ours, ref
+
+
+def close(a, b, tol=1e-5):
+    assert torch.isfinite(b).all()
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+
+def run_loops(ours, ref, n, seed=None, ours_kw=None, ref_kw=None, noises=None, dtype=torch.float32):
+    """Sample with both schedulers from the same x_T; compare after every step. Returns the final samples.
+    seed: both get a fresh torch.Generator with it; noises: a list of explicit noise tensors for ours only."""
+    ours.set_timesteps(n)
+    ref.set_timesteps(n)
+    assert torch.equal(ours.timesteps, ref.timesteps) and ours.timesteps.dtype == ref.timesteps.dtype
+    assert isinstance(ours.init_noise_sigma, float)
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(dtype)
+    a, b = x_T * ours.init_noise_sigma, x_T * ref.init_noise_sigma
+    ga = torch.Generator().manual_seed(seed) if seed is not None else None
+    gb = torch.Generator().manual_seed(seed) if seed is not None else None
+    ref_takes_gen = "generator" in inspect.signature(ref.step).parameters
+    for i, t in enumerate(ours.timesteps):
+        ea = fake_model(ours.scale_model_input(a, t), t).to(dtype)
+        eb = fake_model(ref.scale_model_input(b, t), t).to(dtype)
+        kw = dict(ours_kw or {})
+        if noises is not None:
+            kw["noise"] = noises[i]
+        else:
+            kw["generator"] = ga
+        a = ours.step(ea, t, a, **kw)
+        rkw = dict(ref_kw or {}, **({"generator": gb} if ref_takes_gen else {}))
+        b = ref.step(eb, t, b, **rkw).prev_sample
+        assert a.dtype == b.dtype
+        close(a.float(), b.float(), 1e-5 if dtype == torch.float32 else 1e-3)
+    return a, b
+
+
+# ------------------------------------------------------------------------------------ whole loops, every scheduler
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("cfg,n", [(SD, 10), (SD, 25), (SD, 50), (LINEAR_V, 20), (COSINE, 15)],
+                         ids=["sd-10", "sd-25", "sd-50", "linear-trailing-v-20", "cosine-linspace-15"])
+def test_loop_matches_diffusers(name, cfg, n):
+    ours, ref = pair(name, cfg)
+    a, b = run_loops(ours, ref, n, seed=0)
+    close(a, b)
+
+
+# -------------------------------------------------------------------------------------------- per-scheduler options
+@pytest.mark.parametrize("extra", [{"variance_type": "fixed_large"}, {"variance_type": "fixed_small_log"},
+                                   {"clip_sample": True, "prediction_type": "sample"},
+                                   {"timestep_spacing": "linspace", "rescale_betas_zero_snr": True,
+                                    "prediction_type": "v_prediction"}],
+                         ids=["fixed_large", "fixed_small_log", "clip-sample-pred", "linspace-zero-snr"])
+def test_ddpm_options(extra):
+    ours, ref = pair("ddpm", {**SD, **extra})
+    run_loops(ours, ref, 25, seed=7)
+
+
+def test_ddpm_explicit_noise_equals_generator_draws():
+    """Explicit noise = what diffusers draws from the seeded generator at each step with t > 0 (none at t = 0)."""
+    ours, ref = pair("ddpm", SD)
+    ours.set_timesteps(10)
+    g = torch.Generator().manual_seed(5)
+    noises = [torch.randn(SHAPE, generator=g) if t > 0 else None for t in ours.timesteps]
+    a, b = run_loops(ours, ref, 10, seed=5, noises=noises)
+    close(a, b)
+
+
+def test_ddpm_full_1000_step_chain_prev_timestep():
+    """Before set_timesteps DDPM walks t -> t-1 over all T steps, like diffusers."""
+    ours, ref = pair("ddpm", SD)
+    x = torch.randn(SHAPE)
+    for t in [999, 500, 1, 0]:
+        e = fake_model(x, t)
+        g1, g2 = torch.Generator().manual_seed(t), torch.Generator().manual_seed(t)
+        close(ours.step(e, t, x, generator=g1), ref.step(e, t, x, generator=g2).prev_sample)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_eta_with_generator(eta):
+    ours, ref = pair("ddim", SD)
+    a, b = run_loops(ours, ref, 25, seed=3, ours_kw={"eta": eta}, ref_kw={"eta": eta})
+    close(a, b)
+
+
+def test_ddim_eta_with_explicit_noise():
+    ours, ref = pair("ddim", SD)
+    g = torch.Generator().manual_seed(9)
+    noises = [torch.randn(SHAPE, generator=g) for _ in range(20)]
+    ours.set_timesteps(20)
+    ref.set_timesteps(20)
+    a = b = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    for i, t in enumerate(ours.timesteps):
+        a = ours.step(fake_model(a, t), t, a, eta=0.8, noise=noises[i])
+        b = ref.step(fake_model(b, t), t, b, eta=0.8, variance_noise=noises[i]).prev_sample
+        close(a, b)
+
+
+def test_ddim_clip_and_clipped_model_output():
+    ours, ref = pair("ddim", {**COSINE, "clip_sample": True})
+    kw = {"eta": 0.3, "use_clipped_model_output": True}
+    run_loops(ours, ref, 15, seed=2, ours_kw=kw, ref_kw=kw)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+def test_pndm_prk_mode(spacing):
+    """F-PNDM: 12 Runge–Kutta calls first, then PLMS."""
+    ours, ref = pair("pndm", {**SD, "skip_prk_steps": False, "timestep_spacing": spacing})
+    a, b = run_loops(ours, ref, 20)
+    close(a, b)
+
+
+@pytest.mark.parametrize("extra,n", [({"use_karras_sigmas": True}, 20), ({"timestep_spacing": "leading"}, 25),
+                                     ({"final_sigmas_type": "sigma_min"}, 10),
+                                     ({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, 10),
+                                     ({"prediction_type": "sample"}, 10)],
+                         ids=["karras", "leading", "sigma_min", "zero-snr", "pred-sample"])
+def test_euler_options(extra, n):
+    ours, ref = pair("euler", {**SD, **extra})
+    run_loops(ours, ref, n)
+
+
+def test_euler_churn_with_generator():
+    kw = {"s_churn": 1.0, "s_tmin": 0.5, "s_tmax": 10.0}
+    ours, ref = pair("euler", SD)
+    run_loops(ours, ref, 15, seed=4, ours_kw=kw, ref_kw=kw)
+
+
+@pytest.mark.parametrize("extra,n", [({"use_karras_sigmas": True}, 20), ({"solver_order": 1}, 10),
+                                     ({"solver_type": "heun"}, 12), ({"lower_order_final": False}, 10),
+                                     ({"euler_at_final": True, "final_sigmas_type": "sigma_min"}, 20),
+                                     ({"final_sigmas_type": "sigma_min"}, 10), ({"timestep_spacing": "leading"}, 20),
+                                     ({**COSINE, "lambda_min_clipped": -5.1}, 15),
+                                     ({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, 10),
+                                     ({"prediction_type": "sample"}, 10)],
+                         ids=["karras", "order1", "heun", "no-lower-final", "euler-at-final", "sigma_min", "leading",
+                              "cosine-lambda-clip", "zero-snr", "pred-sample"])
+def test_dpmpp_options(extra, n):
+    ours, ref = pair("dpmpp", {**SD, **extra})
+    run_loops(ours, ref, n)
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp"])
+def test_fp16_samples_keep_dtype(name):
+    """Euler and DPM-Solver integrate in fp32 and hand back the model's dtype, as diffusers does."""
+    ours, ref = pair(name, SD)
+    run_loops(ours, ref, 10, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("name", ["pndm", "dpmpp"])
+def test_set_timesteps_resets_state(name):
+    s = make_scheduler(name)
+    outs = []
+    for _ in range(2):
+        s.set_timesteps(10)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+        for t in s.timesteps:
+            x = s.step(fake_model(x, t), t, x)
+        outs.append(x)
+    assert torch.equal(outs[0], outs[1])
+
+
+# --------------------------------------------------------------------------------------- schedules and add_noise
+@pytest.mark.parametrize("cfg", [SD, LINEAR_V, COSINE, {**SD, "rescale_betas_zero_snr": True},
+                                 {**SD, "trained_betas": torch.linspace(1e-4, 0.03, 1000).tolist()},
+                                 {**SD, "num_train_timesteps": 500}],
+                         ids=["scaled_linear", "linear", "cosine", "zero-snr", "trained_betas", "T500"])
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_schedule_tables(name, cfg):
+    ours, ref = pair(name, cfg)
+    close(ours.betas, ref.betas, 1e-6)
+    close(ours.alphas_cumprod, ref.alphas_cumprod, 1e-6)
+    assert ours.num_train_timesteps == ref.config.num_train_timesteps
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "pndm"])
+@pytest.mark.parametrize("cfg", [SD, COSINE], ids=["sd", "cosine"])
+def test_add_noise_and_velocity(name, cfg):
+    ours, ref = pair(name, cfg)
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 17, 500, 999])
+    close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t))
+    if hasattr(ref, "get_velocity"):
+        close(ours.get_velocity(x0, noise, t), ref.get_velocity(x0, noise, t))
+
+
+def test_euler_add_noise_before_and_after_set_timesteps():
+    ours, ref = pair("euler", SD)
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([3, 400, 999])
+    close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t.float()))
+    ours.set_timesteps(20)
+    ref.set_timesteps(20)
+    t = ours.timesteps[[0, 7, 19]]
+    close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t))
+
+
+def test_dpmpp_add_noise_after_set_timesteps():
+    ours, ref = pair("dpmpp", SD)
+    ours.set_timesteps(20)
+    ref.set_timesteps(20)
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = ours.timesteps[[0, 7, 19]]
+    close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t))
+
+
+def test_add_noise_matches_forward_process_formula():
+    """x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, written out (independent of diffusers)."""
+    s = DDPMScheduler.from_config(SD)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    ab = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)[t].view(2, 1, 1, 1)
+    close(s.add_noise(x0, noise, t), ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
+
+
+# ------------------------------------------------------------------------------------------------------- config
+def test_make_scheduler_unknown_name():
+    with pytest.raises(ValueError, match="ddim.*ddpm.*dpmpp.*euler.*pndm"):
+        make_scheduler("lms", SD)
+
+
+def test_registry_and_classes():
+    assert SCHEDULERS == {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler,
+                          "euler": EulerDiscreteScheduler, "dpmpp": DPMSolverMultistepScheduler}
+
+
+def test_from_config_ignores_unknown_keys():
+    cfg = {**SD, "_class_name": "SomethingElse", "_diffusers_version": "0.7.0", "totally_unknown": 3}
+    s = PNDMScheduler.from_config(cfg)
+    assert s.config["beta_schedule"] == "scaled_linear" and s.config["steps_offset"] == 1
+    assert s.config["_class_name"] == "PNDMScheduler" and s.config["totally_unknown"] == 3
+
+
+def test_defaults_are_sd_v1():
+    s = PNDMScheduler()
+    ref = diffusers.PNDMScheduler.from_config(SD)
+    s.set_timesteps(50)
+    ref.set_timesteps(50)
+    assert torch.equal(s.timesteps, ref.timesteps)
+    close(s.alphas_cumprod, ref.alphas_cumprod, 1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_config_round_trips_through_diffusers(name):
+    """Our .config is a valid scheduler_config.json: diffusers reads it back to the same settings."""
+    ours = make_scheduler(name, LINEAR_V)
+    ref = getattr(diffusers, ours.class_name).from_config(ours.config)
+    for key, value in ours.config.items():
+        if key in ref.config and not key.startswith("_"):
+            assert ref.config[key] == value, key
+    again = type(ours).from_config(ours.config)
+    assert again.config == ours.config
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_switching_scheduler_carries_the_schedule_like_diffusers(name):
+    """make_scheduler(name, pndm.config) == diffusers' X.from_config(pndm.config): beta settings carry over, the
+    PNDM's own defaults (e.g. timestep_spacing) do not."""
+    pndm, ref_pndm = pair("pndm", SD)
+    ours = make_scheduler(name, pndm.config)
+    ref = getattr(diffusers, ours.class_name).from_config(ref_pndm.config)
+    for n in (10, 30):
+        ours.set_timesteps(n)
+        ref.set_timesteps(n)
+        assert torch.equal(ours.timesteps, ref.timesteps)
+        assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+
+
+@pytest.mark.parametrize("name,key,value", [("dpmpp", "algorithm_type", "sde-dpmsolver++"),
+                                            ("ddim", "thresholding", True),
+                                            ("euler", "use_exponential_sigmas", True)])
+def test_unsupported_options_raise(name, key, value):
+    with pytest.raises(NotImplementedError, match=key):
+        make_scheduler(name, {**SD, key: value})
+
+
+def test_bad_values_raise():
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        make_scheduler("ddim", {**SD, "timestep_spacing": "sideways"})
+    with pytest.raises(NotImplementedError, match="beta_schedule"):
+        make_scheduler("ddpm", {**SD, "beta_schedule": "exotic"})
