@@ -170,7 +170,7 @@ class Scheduler:
                 raise ValueError(f"{type(self).__name__}: {key}={cfg[key]!r} is not supported; choose from {allowed}")
         self._settings = cfg
         self._given = set(settings)  # the rest took defaults: diffusers' `_use_default_values`
-        self._extra = {}             # keys of a loaded config meant for other schedulers, carried through as diffusers does
+        self._extra = {}             # other schedulers' keys of a loaded config, carried along as diffusers does
         self.num_train_timesteps = cfg["num_train_timesteps"]
         self.betas = make_betas(cfg)                              # β_t      [T]
         self.alphas = 1.0 - self.betas                            # α_t      [T]

@@ -1,7 +1,7 @@
 """Chapter 9.4 — DDIM: denoising diffusion implicit models (Song et al., 2021).
 
 Notation (code -> paper; the paper writes ᾱ as α):
-    alpha_prod_t, alpha_prod_t_prev   ᾱ_t, ᾱ_{t'}   (t' = t - T/n, the next visited timestep; ᾱ_{-1} = final_alpha_cumprod)
+    alpha_prod_t, alpha_prod_t_prev   ᾱ_t, ᾱ_{t'}   (t' = t - T/n, the next visited t; ᾱ_{-1} = final_alpha_cumprod)
     pred_original_sample              x̂_0 = (x_t - √(1-ᾱ_t) ε_θ) / √ᾱ_t          "predicted x_0"
     pred_epsilon                      ε_θ(x_t, t)
     std_dev_t                         σ_t = η √((1-ᾱ_{t'})/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_{t'})                       (eq. 16)

@@ -103,7 +103,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         self._reset()
 
     def index_for_timestep(self, timestep) -> int:
-        """Position of `timestep` in self.timesteps (second match if repeated; the last step if absent, as diffusers)."""
+        """Position of `timestep` in self.timesteps (2nd match if repeated; the last step if absent, as diffusers)."""
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.to(self.timesteps.device)
         idx = (self.timesteps == timestep).nonzero()
