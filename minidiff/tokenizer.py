@@ -13,8 +13,9 @@ CLIP (Radford et al., 2021) reads text as byte-level BPE tokens (Sennrich et al.
   5. frame       <|startoftext|> (49406) + tokens + <|endoftext|> (49407), cut to 77 keeping the end token,
                  then padded to 77 with <|endoftext|> — the fixed-length context that SD's U-Net attends to.
 
-Steps 1–4 are the `tokenizers` library's BPE model with exactly the pipeline that transformers-5's `CLIPTokenizer`
-builds from a vocab.json + merges.txt pair (its `tokenization_clip.py`); step 5 is written out here. The original
+Steps 1–4 are the `tokenizers` library's BPE model with the pipeline that transformers-5's `CLIPTokenizer` builds
+from a vocab.json + merges.txt pair (its `tokenization_clip.py`; we add a Strip, which changes no id); step 5 is
+written out here. The original
 OpenAI tokenizer also ran ftfy.fix_text and html.unescape first; transformers does not (and neither do we), so
 mojibake or HTML entities in a prompt are tokenized as written. (One more difference from the Python original:
 `tokenizers` lower-cases letter by letter, so a word-final "Σ" becomes "σ", not str.lower()'s "ς".)
@@ -56,12 +57,8 @@ class CLIPTokenizer:
         if path is None:
             path = _find_default_dir()
         self.path = Path(path)
-        missing = [str(self.path / f) for f in FILES if not (self.path / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"CLIP tokenizer files not found: {', '.join(missing)}")
         self.model_max_length = model_max_length
-
-        vocab, merges = BPE.read_file(str(self.path / "vocab.json"), str(self.path / "merges.txt"))
+        vocab, merges = _read_vocab(self.path)
         # steps 3-4: BPE over byte symbols; a word's last symbol carries "</w>", so "a" alone ("a</w>", id 320)
         # and "a" starting a longer word ("a", id 64) are different tokens
         tk = Tokenizer(BPE(vocab, merges, unk_token=EOS_TOKEN, continuing_subword_prefix="",
@@ -90,7 +87,7 @@ class CLIPTokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path, **kwargs) -> "CLIPTokenizer":
-        """Load from a folder with vocab.json + merges.txt."""
+        """Load from a folder with vocab.json + merges.txt, or with a transformers tokenizer.json."""
         return cls(path, **kwargs)
 
     @property
@@ -149,6 +146,19 @@ class CLIPTokenizer:
 
     def __repr__(self):
         return f"CLIPTokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, model_max_length={self.model_max_length})"
+
+
+def _read_vocab(path: Path):
+    """vocab {token: id} and merges [(a, b)] from vocab.json + merges.txt (SD v1.4's release), or from the single
+    tokenizer.json that transformers 5 writes when it saves a tokenizer."""
+    if all((path / f).is_file() for f in FILES):
+        return BPE.read_file(str(path / "vocab.json"), str(path / "merges.txt"))
+    if (path / "tokenizer.json").is_file():
+        model = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return model["vocab"], merges
+    missing = [str(path / f) for f in FILES if not (path / f).is_file()]
+    raise FileNotFoundError(f"CLIP tokenizer files not found: {', '.join(missing)} (nor {path / 'tokenizer.json'})")
 
 
 def _find_default_dir() -> Path:
