@@ -51,8 +51,8 @@ class Perceptron:
     def fit(self, X, y, lr: float = 1.0, epochs: int = 100):
         """Run the perceptron rule sample by sample for `epochs` passes over (X [N, n], y [N] of 0/1).
 
-        Returns the accuracy on (X, y) after each epoch, a list of `epochs` floats. Stops early only when
-        an epoch makes no update (every sample already right: the rule has converged).
+        Returns the accuracy on (X, y) after each epoch, a list of floats. It has `epochs` entries unless the rule
+        converged first: an epoch without a single update (every sample right) ends training early.
         """
         X, y = X.float(), y.float()
         history = []
