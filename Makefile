@@ -9,6 +9,12 @@ setup:
 	@# CPU build of torch from this machine's disk; a bare `torch` requirement would pull a multi-GB CUDA build
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
+	@# Debian's Chromium for the annotate page's browser test (Playwright drives it; it never downloads a browser)
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium (apt-get)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+			|| echo "chromium could not be installed: the browser test will be skipped"; \
+	fi
 
 demo: setup
 	$(PY) -m minidiff generate "$(PROMPT)" --seed 0 --out demo.png

@@ -80,40 +80,41 @@ def _read_lines(folder: Path) -> list[str]:
         return f.read().splitlines()
 
 
-def read_metadata(folder: str | Path, check_files: bool = True) -> list[dict]:
+def read_metadata(folder: str | Path, check_files: bool = True, warn: bool = True) -> list[dict]:
     """The rows of `folder`/metadata.jsonl that are usable, in file order.
 
     A row is usable when its line is a JSON object with a string "file_name" and a string "text", the name stays
     inside the folder and (check_files) the file exists. Anything else is skipped with a warning naming the file and
-    the line number. Extra keys are kept. A file_name seen twice: the first line wins, the second is skipped.
+    the line number (warn=False: silently). Extra keys are kept. A file_name seen twice: the first line wins.
     """
     folder = Path(folder)
     rows, seen = [], set()
     where = folder / METADATA
+    _warn = warnings.warn if warn else (lambda *a, **k: None)
     for lineno, line in enumerate(_read_lines(folder), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            warnings.warn(f"{where}:{lineno}: skipped, not JSON ({e.msg})", stacklevel=2)
+            _warn(f"{where}:{lineno}: skipped, not JSON ({e.msg})", stacklevel=2)
             continue
         if not isinstance(row, dict):
-            warnings.warn(f"{where}:{lineno}: skipped, not a JSON object", stacklevel=2)
+            _warn(f"{where}:{lineno}: skipped, not a JSON object", stacklevel=2)
             continue
         name, text = row.get("file_name"), row.get("text")
         if not isinstance(name, str) or not isinstance(text, str):
-            warnings.warn(f"{where}:{lineno}: skipped, needs a string 'file_name' and a string 'text'", stacklevel=2)
+            _warn(f"{where}:{lineno}: skipped, needs a string 'file_name' and a string 'text'", stacklevel=2)
             continue
         path = resolve_in_folder(folder, name)
         if path is None:
-            warnings.warn(f"{where}:{lineno}: skipped, file_name {name!r} is outside the folder", stacklevel=2)
+            _warn(f"{where}:{lineno}: skipped, file_name {name!r} is outside the folder", stacklevel=2)
             continue
         if check_files and not path.is_file():
-            warnings.warn(f"{where}:{lineno}: skipped, image {name!r} is missing", stacklevel=2)
+            _warn(f"{where}:{lineno}: skipped, image {name!r} is missing", stacklevel=2)
             continue
         if name in seen:
-            warnings.warn(f"{where}:{lineno}: skipped, {name!r} is listed twice (the first line wins)", stacklevel=2)
+            _warn(f"{where}:{lineno}: skipped, {name!r} is listed twice (the first line wins)", stacklevel=2)
             continue
         seen.add(name)
         rows.append(row)
