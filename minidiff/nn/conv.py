@@ -47,7 +47,8 @@ def _windows(x, kernel, stride, dilation):
         cols = []
         for n in range(kw):
             h0, w0 = dh * m, dw * n
-            cols.append(x[:, :, h0:h0 + sh * (H_out - 1) + 1:sh, w0:w0 + sw * (W_out - 1) + 1:sw])  # [B, C, H_out, W_out]
+            # [B, C, H_out, W_out]: rows h0, h0 + s_h, ..., cols w0, w0 + s_w, ...
+            cols.append(x[:, :, h0:h0 + sh * (H_out - 1) + 1:sh, w0:w0 + sw * (W_out - 1) + 1:sw])
         rows.append(torch.stack(cols, dim=2))                                  # [B, C, kw, H_out, W_out]
     return torch.stack(rows, dim=2)                                            # [B, C, kh, kw, H_out, W_out]
 
@@ -103,7 +104,8 @@ class Conv2d(nn.Module):
     """Our conv2d with learnable weight [C_out, C_in/groups, kh, kw] and bias [C_out].
 
     Same parameter names, shapes and default initialisation as torch.nn.Conv2d (so the state_dicts are
-    interchangeable): weights ~ U(−√(1/fan_in), √(1/fan_in)) (kaiming_uniform with a=√5), the same bound for the bias.
+    interchangeable): weights ~ U(−√(1/fan_in), √(1/fan_in)) (kaiming_uniform with a=√5), the same bound for
+    the bias.
     x: [B, C_in, H, W] -> [B, C_out, H_out, W_out].
     """
 

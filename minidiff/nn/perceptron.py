@@ -99,7 +99,7 @@ class MLP(nn.Module):
         return (out[:, 0] > 0).long() if out.shape[1] == 1 else out.argmax(dim=1)
 
     def fit(self, X, y, lr: float = 0.1, epochs: int = 1000, loss: str | None = None):
-        """Full-batch gradient descent, θ ← θ − η ∇θ L, for `epochs` steps. Returns the per-epoch accuracy list.
+        """Full-batch gradient descent, θ ← θ − η ∇θ L, for `epochs` steps. Returns per-epoch accuracies.
 
         loss: "bce" (one output, y [N] of 0/1: binary cross-entropy on the logit), "ce" (several outputs,
         y [N] class indices), or "mse" (y [N, n_out] regression targets; accuracy is then meaningless and the
