@@ -1,0 +1,394 @@
+"""Loading and saving whole text-to-image models in the published layouts.
+
+    pipe = load("stable-diffusion-v1-4/")        # a diffusers folder (today's or the 2022 names; .safetensors or .bin)
+    pipe = load("sd-v1-4.ckpt")                  # a CompVis single file (pickle holding `state_dict`) ...
+    pipe = load("sd-v1-4.safetensors")           # ... or its .safetensors twin
+    pipe = load()                                # the tiny embedded model in weights/minidiff-shapes
+    save(pipe, "out/", format="diffusers")       # or format="compvis": one .safetensors file
+
+Every tensor of the file is accounted for before any model is touched: each file key must map to a parameter (or be
+one of the known non-weights, see keymaps.COMPVIS_SKIP), each parameter must be found, each shape must match;
+otherwise `CheckpointError` names the file and the first offending key, and nothing is returned half-loaded.
+The key rules live in keymaps.py; the model classes know nothing about files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from . import keymaps
+from .clip import CLIPTextConfig, CLIPTextTransformer
+from .pipeline import SD_V1_SCHEDULER, StableDiffusion
+from .tokenizer import CLIPTokenizer
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO_ROOT / "weights" / "minidiff-shapes"
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+class CheckpointError(ValueError):
+    """A file or folder that is not a loadable SD v1 model; the message names the file and the first bad key."""
+
+
+# --------------------------------------------------------------------------------------------------- reading files
+class _LightningCallbackStub(dict):
+    """Stands in for pytorch_lightning's ModelCheckpoint, which the 2022 CompVis .ckpt files name in their
+    `callbacks` entry. It lets those files load with torch's weights-only unpickler, which runs no code."""
+
+    def __setstate__(self, state):
+        self.update(state if isinstance(state, dict) else {"state": state})
+
+
+def _safe_extras():
+    import numpy as np
+    extras = [(_LightningCallbackStub, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+              np.dtype, np._core.multiarray.scalar,  # numpy 2's name, and numpy 1's (the 2022 files):
+              (np._core.multiarray.scalar, "numpy.core.multiarray.scalar")]
+    extras += [type(np.dtype(c)) for c in "?bhilqBHILQefdg"]  # numpy's per-dtype classes (numpy.dtypes.Float64DType ...)
+    return extras
+
+
+def read_state_dict(path, unsafe_pickle: bool = False) -> tuple[dict, dict]:
+    """One weights file -> (state_dict, metadata). Pickles are read with torch's weights-only unpickler."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown weights file type {path.suffix!r} "
+                              f"(expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)})")
+    try:
+        if unsafe_pickle:
+            warnings.warn(f"{path}: unpickling with weights_only=False runs any code the file contains")
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_safe_extras()):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: the pickle needs more than plain tensors to load (it may run arbitrary code). "
+            f"Pass unsafe_pickle=True only if you trust where this file came from. Detail: {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
+    return obj, {}
+
+
+# --------------------------------------------------------------------------------------------------- key matching
+def _assign(file, tensors: dict, parts: list, skip: re.Pattern) -> list[dict]:
+    """Sort the file's tensors into one state_dict per model.
+
+    parts: [(model, names_fn)], names_fn(our_key) -> the file's names for it (first = canonical).
+    Raises CheckpointError for an unknown key, a missing parameter or a wrong shape.
+    """
+    where = {}  # file key -> (part index, our key)
+    for i, (model, names_fn) in enumerate(parts):
+        for ours in model.state_dict():
+            for theirs in names_fn(ours):
+                where[theirs] = (i, ours)
+    out = [{} for _ in parts]
+    for theirs, tensor in tensors.items():
+        if theirs not in where:
+            if skip.match(theirs):
+                continue
+            raise CheckpointError(f"{file}: unexpected key {theirs!r} (not part of an SD v1 model; "
+                                  f"is this another architecture?)")
+        i, ours = where[theirs]
+        expected = parts[i][0].state_dict()[ours].shape
+        if keymaps.is_compvis_vae_attention(theirs) and tensor.shape == (*expected, 1, 1):
+            tensor = tensor[:, :, 0, 0]  # LDM's 1x1-conv attention projections -> our Linear weights
+        if tensor.shape != expected:
+            raise CheckpointError(f"{file}: shape mismatch for {theirs!r}: file has {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(expected)}")
+        if ours in out[i]:
+            raise CheckpointError(f"{file}: {theirs!r} duplicates another spelling of the same weight ({ours!r})")
+        out[i][ours] = tensor
+    for (model, names_fn), got in zip(parts, out):
+        for ours in model.state_dict():
+            if ours not in got:
+                raise CheckpointError(f"{file}: missing key {names_fn(ours)[0]!r}")
+    return out
+
+
+def _build(cls, config, state_dict, dtype, device):
+    """Instantiate without allocating random weights (meta device), then take the checked tensors as parameters."""
+    with torch.device("meta"):
+        model = cls(config)
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()},
+                          strict=True, assign=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------- load
+def load(path=None, device="cpu", dtype=torch.float32, ema: bool = False, unsafe_pickle: bool = False,
+         compile: bool = False) -> StableDiffusion:
+    """Load a text-to-image model: a diffusers folder, a CompVis .ckpt / .safetensors, or (no path) the embedded model.
+
+    dtype: parameters' dtype. With float16 the VAE stays in float32 (fp16 decodes overflow to black images).
+    ema: for a CompVis file that carries EMA weights (`model_ema.*`), load the U-Net from those.
+    unsafe_pickle: allow pickles that need arbitrary code (only for files you trust).
+    compile: torch.compile the U-Net, VAE decoder and text encoder.
+    """
+    if path is None:
+        path = DEFAULT_MODEL
+        if not (path / "model_index.json").is_file():
+            raise CheckpointError(f"{path}: the embedded default model is missing; rebuild it with "
+                                  f"`minidiff train-tiny --out {path}` or pass a model path")
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise CheckpointError(f"{path}: a folder but not a diffusers model (no model_index.json)")
+        pipe = _load_diffusers(path, device, dtype, unsafe_pickle)
+    elif path.is_file():
+        pipe = _load_compvis(path, device, dtype, ema, unsafe_pickle)
+    else:
+        raise CheckpointError(f"{path}: no such file or folder")
+    if compile:
+        from .speed import compile_pipeline
+        compile_pipeline(pipe)
+    return pipe
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+
+
+def _config(from_fn, path: Path):
+    try:
+        return from_fn(_read_json(path))
+    except (ValueError, TypeError, KeyError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: unsupported model configuration: {e}") from None
+
+
+def _weights_file(folder: Path, stem: str) -> Path:
+    for name in (f"{stem}.safetensors", f"{stem}.bin" if stem != "model" else "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    variants = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if len(variants) == 1:  # e.g. diffusion_pytorch_model.fp16.safetensors alone
+        return variants[0]
+    raise CheckpointError(f"{folder}: no weights file ({stem}.safetensors or .bin)")
+
+
+def _load_diffusers(path: Path, device, dtype, unsafe_pickle) -> StableDiffusion:
+    index = _read_json(path / "model_index.json")
+    for key in ("text_encoder_2", "tokenizer_2", "prior", "image_encoder"):
+        if index.get(key) and index[key][0]:
+            raise CheckpointError(f"{path / 'model_index.json'}: has {key!r}: not an SD v1 model (SDXL or other)")
+    unet_cfg = _config(UNetConfig.from_diffusers, path / "unet" / "config.json")
+    vae_cfg = _config(VAEConfig.from_diffusers, path / "vae" / "config.json")
+    text_cfg = _config(CLIPTextConfig.from_transformers, path / "text_encoder" / "config.json")
+    if text_cfg.hidden_size != unet_cfg.cross_attention_dim:
+        raise CheckpointError(f"{path / 'text_encoder' / 'config.json'}: hidden_size {text_cfg.hidden_size} does not "
+                              f"match the U-Net's cross_attention_dim {unet_cfg.cross_attention_dim}")
+    scheduler_cfg = _read_json(path / "scheduler" / "scheduler_config.json") \
+        if (path / "scheduler" / "scheduler_config.json").is_file() else dict(SD_V1_SCHEDULER)
+
+    with torch.device("meta"):
+        skeletons = {"unet": UNet(unet_cfg), "vae": AutoencoderKL(vae_cfg), "text_encoder": CLIPTextTransformer(text_cfg)}
+    names = {"unet": keymaps.diffusers_unet, "vae": keymaps.diffusers_vae, "text_encoder": keymaps.diffusers_text}
+    stems = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+    states = {}
+    for part in skeletons:  # read and check all three before building any
+        file = _weights_file(path / part, stems[part])
+        tensors, _ = read_state_dict(file, unsafe_pickle)
+        states[part], = _assign(file, tensors, [(skeletons[part], names[part])], keymaps.DIFFUSERS_SKIP)
+    tokenizer = CLIPTokenizer.from_dir(path / "tokenizer") if (path / "tokenizer").is_dir() else CLIPTokenizer()
+    return _assemble(tokenizer, (unet_cfg, vae_cfg, text_cfg), states, scheduler_cfg, device, dtype)
+
+
+def _assemble(tokenizer, configs, states, scheduler_cfg, device, dtype) -> StableDiffusion:
+    unet_cfg, vae_cfg, text_cfg = configs
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    return StableDiffusion(
+        tokenizer=tokenizer,
+        text_encoder=_build(CLIPTextTransformer, text_cfg, states["text_encoder"], dtype, device),
+        unet=_build(UNet, unet_cfg, states["unet"], dtype, device),
+        vae=_build(AutoencoderKL, vae_cfg, states["vae"], vae_dtype, device),
+        scheduler_config=scheduler_cfg)
+
+
+def _load_compvis(path: Path, device, dtype, ema, unsafe_pickle) -> StableDiffusion:
+    sd, metadata = read_state_dict(path, unsafe_pickle)
+    _refuse_other_architectures(path, sd)
+    if "minidiff" in metadata:  # written by minidiff.save: the exact configs travel in the file
+        meta = json.loads(metadata["minidiff"])
+        unet_cfg = UNetConfig.from_diffusers(meta["unet"])
+        vae_cfg = VAEConfig.from_diffusers(meta["vae"])
+        text_cfg = CLIPTextConfig.from_transformers(meta["text_encoder"])
+        scheduler_cfg = meta.get("scheduler", dict(SD_V1_SCHEDULER))
+    else:
+        unet_cfg, vae_cfg, text_cfg = infer_compvis_configs(path, sd)
+        scheduler_cfg = dict(SD_V1_SCHEDULER)
+    has_ema = any(k.startswith("model_ema.") and not keymaps.COMPVIS_SKIP.match(k) for k in sd)
+    if ema and not has_ema:
+        raise CheckpointError(f"{path}: ema=True but the file has no EMA weights (no 'model_ema.*' tensors)")
+    with torch.device("meta"):
+        unet, vae, text = UNet(unet_cfg), AutoencoderKL(vae_cfg), CLIPTextTransformer(text_cfg)
+    unet_names = keymaps.compvis_unet_ema if ema else keymaps.compvis_unet
+    parts = [(unet, lambda k: unet_names(k, unet_cfg)), (vae, lambda k: keymaps.compvis_vae(k, vae_cfg)),
+             (text, keymaps.compvis_text)]
+    # the U-Net copy we don't load (EMA or raw) is known and skipped, not "unexpected"
+    other = r"model\.diffusion_model\..*" if ema else r"model_ema\..*"
+    skip = re.compile(f"{keymaps.COMPVIS_SKIP.pattern}|^{other}$")
+    s_unet, s_vae, s_text = _assign(path, sd, parts, skip)
+    states = {"unet": s_unet, "vae": s_vae, "text_encoder": s_text}
+    return _assemble(CLIPTokenizer(), (unet_cfg, vae_cfg, text_cfg), states, scheduler_cfg, device, dtype)
+
+
+def _refuse_other_architectures(path, sd):
+    keys = list(sd)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise CheckpointError(f"{path}: SDXL checkpoint (key {next(k for k in keys if k.startswith('conditioner.'))!r});"
+                              f" minidiff loads SD v1 models")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise CheckpointError(f"{path}: SD 2.x checkpoint (OpenCLIP text encoder, key "
+                              f"{next(k for k in keys if k.startswith('cond_stage_model.model.'))!r}); minidiff loads SD v1 models")
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        first = keys[0] if keys else "(none)"
+        raise CheckpointError(f"{path}: not a CompVis SD checkpoint (no 'model.diffusion_model.*' keys; first key {first!r})")
+
+
+def infer_compvis_configs(path, sd: dict):
+    """Read the architecture off the tensor shapes of a CompVis file (the file carries no config).
+
+    What shapes cannot tell is taken from SD v1's published config: 8 attention heads, 32 norm groups,
+    64-wide CLIP heads, 64x64 latents."""
+    p, v, t = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
+    if not any(k.startswith(t) for k in sd):
+        t = "cond_stage_model.transformer."
+    try:
+        downs = sorted(int(m[1]) for k in sd if (m := re.fullmatch(re.escape(p) + r"input_blocks\.(\d+)\.0\.op\.weight", k)))
+        L = downs[0] - 1 if downs else max(int(k.split(".")[2]) for k in sd if k.startswith(p + "input_blocks."))
+        levels = len(downs) + 1
+        first = [1 + i * (L + 1) for i in range(levels)]
+        to_k = next(k for k in sd if k.startswith(p) and k.endswith("attn2.to_k.weight"))
+        unet = UNetConfig(
+            in_channels=sd[p + "input_blocks.0.0.weight"].shape[1],
+            out_channels=sd[p + "out.2.weight"].shape[0],
+            block_out_channels=tuple(sd[f"{p}input_blocks.{n}.0.out_layers.3.weight"].shape[0] for n in first),
+            layers_per_block=L,
+            cross_attention=tuple(f"{p}input_blocks.{n}.1.proj_in.weight" in sd for n in first),
+            cross_attention_dim=sd[to_k].shape[1])
+        vlevels = 1 + max(int(m[1]) for k in sd if (m := re.match(re.escape(v) + r"encoder\.down\.(\d+)\.", k)))
+        vae = VAEConfig(
+            in_channels=sd[v + "encoder.conv_in.weight"].shape[1],
+            out_channels=sd[v + "decoder.conv_out.weight"].shape[0],
+            block_out_channels=tuple(sd[f"{v}encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(vlevels)),
+            layers_per_block=1 + max(int(m[1]) for k in sd if (m := re.match(re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.", k))),
+            latent_channels=sd[v + "post_quant_conv.weight"].shape[0])
+        tok = sd[t + "embeddings.token_embedding.weight"]
+        width = tok.shape[1]
+        text = CLIPTextConfig(
+            vocab_size=tok.shape[0], hidden_size=width,
+            intermediate_size=sd[t + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+            num_hidden_layers=1 + max(int(m[1]) for k in sd if (m := re.match(re.escape(t) + r"encoder\.layers\.(\d+)\.", k))),
+            num_attention_heads=max(1, width // 64),
+            max_position_embeddings=sd[t + "embeddings.position_embedding.weight"].shape[0])
+    except (KeyError, StopIteration, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read an SD v1 architecture from the file's shapes (missing {e})") from None
+    return unet, vae, text
+
+
+# --------------------------------------------------------------------------------------------------- save
+def save(pipe: StableDiffusion, path, format: str = "diffusers") -> Path:
+    """Write `pipe` as a diffusers folder (loadable by diffusers' StableDiffusionPipeline.from_pretrained) or, with
+    format="compvis", as one CompVis-layout .safetensors file. Written to a temporary name, then renamed."""
+    path = Path(path)
+    if format == "diffusers":
+        _atomic_dir(path, lambda tmp: _write_diffusers(pipe, tmp))
+    elif format == "compvis":
+        if path.suffix != ".safetensors":
+            raise ValueError(f"format='compvis' writes one .safetensors file; got {path}")
+        _write_compvis(pipe, path)
+    else:
+        raise ValueError(f"format must be 'diffusers' or 'compvis', got {format!r}")
+    return path
+
+
+def _export(model, names_fn) -> dict:
+    return {names_fn(k)[0]: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def _write_diffusers(pipe: StableDiffusion, root: Path):
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+             "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+             "scheduler": ["diffusers", pipe.scheduler_config.get("_class_name", "PNDMScheduler")],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    parts = {"unet": (pipe.unet, keymaps.diffusers_unet, "diffusion_pytorch_model", pipe.unet.config.to_diffusers()),
+             "vae": (pipe.vae, keymaps.diffusers_vae, "diffusion_pytorch_model", pipe.vae.config.to_diffusers()),
+             "text_encoder": (pipe.text_encoder, keymaps.diffusers_text, "model",
+                              pipe.text_encoder.config.to_transformers())}
+    for name, (model, names_fn, stem, config) in parts.items():
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(_export(model, names_fn), str(root / name / f"{stem}.safetensors"), metadata={"format": "pt"})
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=2))
+    pipe.tokenizer.save(root / "tokenizer")
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _atomic_dir(path: Path, write):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_compvis(pipe: StableDiffusion, path: Path):
+    ucfg, vcfg = pipe.unet.config, pipe.vae.config
+    sd = _export(pipe.unet, lambda k: keymaps.compvis_unet(k, ucfg))
+    for k, v in _export(pipe.vae, lambda k: keymaps.compvis_vae(k, vcfg)).items():
+        sd[k] = v[:, :, None, None] if keymaps.is_compvis_vae_attention(k) else v  # Linear -> 1x1 conv
+    sd.update(_export(pipe.text_encoder, keymaps.compvis_text))
+    meta = {"unet": ucfg.to_diffusers(), "vae": vcfg.to_diffusers(),
+            "text_encoder": pipe.text_encoder.config.to_transformers(), "scheduler": pipe.scheduler_config}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(sd, str(tmp), metadata={"format": "pt", "minidiff": json.dumps(meta)})
+    os.replace(tmp, path)
