@@ -76,6 +76,11 @@ def test_edit_enter_reload_in_chromium(page):
     pg.keyboard.press("Escape")
     pg.keyboard.press("ArrowLeft")
     expect(name).to_have_text("b.png")
+    expect(caption).not_to_be_focused()                              # browsing mode stays until Enter
+    pg.keyboard.press("ArrowLeft")
+    expect(name).to_have_text("a.png")
+    pg.keyboard.press("ArrowRight")
+    expect(name).to_have_text("b.png")
     pg.keyboard.press("PageUp")
     expect(name).to_have_text("a.png")
     expect(caption).to_have_value("a red rectangle")
@@ -104,6 +109,7 @@ def test_edit_enter_reload_in_chromium(page):
     pg.keyboard.press("u")
     expect(pg.locator("#todo")).to_be_checked()
     expect(name).to_have_text("b.png")                                # a.png is reviewed: jumped to b.png
+    expect(caption).to_have_value("draft b")                         # the key toggled the filter, typed nothing
     pg.keyboard.press("Enter")                                        # Enter outside the field: edit
     expect(caption).to_be_focused()
     caption.fill("a green rectangle")
