@@ -71,6 +71,8 @@ class VAEConfig:
     _FIXED = {"act_fn": "silu", "mid_block_add_attention": True,
               "shift_factor": None, "latents_mean": None, "latents_std": None}  # SD3/Flux-style latent shifts: no
     _IGNORED = {"force_upcast"}  # a dtype policy for pipelines, not part of the network
+    # diffusers' own defaults where they differ from SD's: a key missing from a config means what diffusers would build
+    _DIFFUSERS_DEFAULTS = {"block_out_channels": (64,), "layers_per_block": 1, "sample_size": 32}
 
     @classmethod
     def from_diffusers(cls, d: dict) -> "VAEConfig":
@@ -78,7 +80,7 @@ class VAEConfig:
 
         Raises ValueError naming the key for anything this implementation does not build."""
         fields = set(cls.__dataclass_fields__)
-        kwargs = {}
+        kwargs = dict(cls._DIFFUSERS_DEFAULTS)
         for key, value in d.items():
             if key.startswith("_") or key in cls._IGNORED:  # _class_name, _diffusers_version, _use_default_values
                 continue

@@ -184,6 +184,9 @@ def test_config_round_trip():
     for cfg in TINY.values():  # and from the diffusers model's own .config (all of its keys, defaults included)
         theirs = D.AutoencoderKL.from_config(cfg.to_diffusers())
         assert VAEConfig.from_diffusers(dict(theirs.config)) == cfg
+    # a key missing from the dict means diffusers' default, not SD's
+    assert VAEConfig.from_diffusers({}) == VAEConfig.from_diffusers(dict(D.AutoencoderKL().config))
+    assert VAEConfig.from_diffusers({}).block_out_channels == (64,)
     assert VAEConfig().downsample_factor == 8 and TINY["3lvl"].downsample_factor == 4
 
 
