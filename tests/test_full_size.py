@@ -1,0 +1,71 @@
+"""Full SD v1.4 size, random weights: the loaders and the whole model agree with diffusers/transformers (slow: ~4 GB
+per model copy, a few minutes on 2 cores). Run with `make test-slow` or `pytest -m slow tests/test_full_size.py`."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import minidiff
+from sd_fixtures import VOCAB, compvis_state_dict
+
+pytestmark = pytest.mark.slow
+
+# the published configs of CompVis/stable-diffusion-v1-4
+SD14_UNET = {"act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+             "center_input_sample": False, "cross_attention_dim": 768,
+             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+             "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+             "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
+SD14_VAE = {"act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
+            "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4}
+SD14_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+@pytest.fixture(scope="module")
+def sd14():
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    torch.manual_seed(0)
+    return StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**SD14_UNET).eval(), vae=AutoencoderKL(**SD14_VAE).eval(),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**SD14_TEXT)).eval(),
+        tokenizer=CLIPTokenizer(str(VOCAB / "vocab.json"), str(VOCAB / "merges.txt"), model_max_length=77),
+        scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _compare(pipe, dpipe):
+    g = torch.Generator().manual_seed(0)
+    ids = pipe.tokenizer(["a photograph of an astronaut riding a horse", "A Pokémon cellphone"])
+    latents = torch.randn(2, 4, 32, 32, generator=g)
+    images = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        ctx = dpipe.text_encoder(ids).last_hidden_state
+        torch.testing.assert_close(pipe.text_encoder(ids), ctx, rtol=1e-4, atol=1e-4)
+        ref = dpipe.unet(latents, torch.tensor([999, 10]), ctx).sample
+        out = pipe.unet(latents, torch.tensor([999, 10]), ctx)
+        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+        torch.testing.assert_close(pipe.vae.encode(images).mean, dpipe.vae.encode(images).latent_dist.mean,
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(pipe.vae.decode(latents[:1, :, :8, :8]), dpipe.vae.decode(latents[:1, :, :8, :8]).sample,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_compvis_file_at_full_size(tmp_path, sd14):
+    path = tmp_path / "sd-v1-4.safetensors"
+    sd = compvis_state_dict(sd14)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    del sd
+    pipe = minidiff.load(path)
+    assert pipe.unet.config.block_out_channels == (320, 640, 1280, 1280) and pipe.unet.config.heads == 8
+    assert pipe.text_encoder.config.num_attention_heads == 12
+    _compare(pipe, sd14)
+
+
+def test_diffusers_folder_at_full_size(tmp_path, sd14):
+    sd14.save_pretrained(str(tmp_path / "sd"))
+    pipe = minidiff.load(tmp_path / "sd")
+    _compare(pipe, sd14)
