@@ -23,7 +23,7 @@ z·0.18215; the pipeline divides by it again before `decode`.
 
 The network is all ResnetBlocks (chapter 1) with one single-head self-attention in the middle of each side:
 
-    encoder: conv_in -> [ResnetBlock x layers, Downsample] per level (none after the last) -> mid -> norm, SiLU, conv_out
+    encoder: conv_in -> [ResnetBlock x layers, Downsample] per level (none after the last) -> mid -> norm,SiLU,conv_out
     mid:     ResnetBlock -> AttentionBlock -> ResnetBlock
     decoder: conv_in -> mid -> [ResnetBlock x (layers+1), Upsample] per level, deepest first -> norm, SiLU, conv_out
 
@@ -102,7 +102,7 @@ class VAEConfig:
         return cfg
 
     def to_diffusers(self) -> dict:
-        """A dict that diffusers' `AutoencoderKL(**d)` / `AutoencoderKL.from_config(d)` accepts (and config.json holds)."""
+        """A dict diffusers' `AutoencoderKL(**d)` / `AutoencoderKL.from_config(d)` accepts (what config.json holds)."""
         d = asdict(self)
         levels = len(self.block_out_channels)
         d["block_out_channels"] = list(self.block_out_channels)
@@ -253,7 +253,7 @@ class MidBlock(nn.Module):
 
 # ---------------------------------------------------------------------------------------- encoder and decoder
 class Encoder(nn.Module):
-    """x [B, in, H, W] -> [B, out, H/f, W/f]; out = 2·latent (the moments μ, log σ²) for the VAE, latent for a plain AE."""
+    """x [B, in, H, W] -> [B, out, H/f, W/f]; out = 2·latent (moments μ, log σ²) for the VAE, latent for a plain AE."""
 
     def __init__(self, config: VAEConfig, out_channels: int):
         super().__init__()
