@@ -1,0 +1,113 @@
+"""LoRA (Hu et al. 2021) on the U-Net's attention projections: exactly the base model at step 0, h = W₀x + (α/r)·BAx,
+merging and the separate file give the model that was trained, and fine-tuning with --train lora exports both."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import minidiff
+from minidiff.finetune import train
+from minidiff.lora import (TARGETS, LoRALinear, apply_lora, inject_lora, lora_layers, lora_parameters, merge_lora,
+                           read_lora, save_lora)
+from test_finetune import _one_thread, build_tiny_pipe, cfg_for, tiny  # noqa: F401  (fixtures)
+
+
+def _inputs(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    return (torch.randn(2, cfg.in_channels, 8, 8, generator=g), torch.tensor([10, 700]),
+            torch.randn(2, 77, cfg.cross_attention_dim, generator=g))
+
+
+def _randomise_b(unet, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_layers(unet).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+
+
+def test_step_zero_is_exactly_the_base_model():
+    unet = build_tiny_pipe(0).unet
+    x = _inputs(unet)
+    with torch.no_grad():
+        before = unet(*x)
+        layers = inject_lora(unet, rank=4, alpha=8)
+        after = unet(*x)
+    assert torch.equal(before, after)                                 # B = 0  =>  ΔW = 0, bit for bit
+    assert all(torch.count_nonzero(m.lora_B.weight) == 0 for m in layers.values())
+    assert all(torch.count_nonzero(m.lora_A.weight) > 0 for m in layers.values())
+
+
+def test_targets_are_the_attention_projections_only():
+    unet = build_tiny_pipe(0).unet
+    n_attn = sum(1 for name, _ in unet.named_modules() if name.endswith((".attn1", ".attn2")))
+    layers = inject_lora(unet, rank=2)
+    assert len(layers) == 4 * n_attn
+    assert {name.rsplit(".", 1)[-1] if not name.endswith("to_out.0") else "to_out.0" for name in layers} == set(TARGETS)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in lora_parameters(unet)}
+    with pytest.raises(ValueError, match="nothing to put LoRA on"):
+        inject_lora(nn.Sequential(nn.Conv2d(1, 1, 1)), rank=2)
+
+
+def test_forward_is_w0x_plus_scaled_bax():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    lora = LoRALinear(base, rank=3, alpha=6)
+    with torch.no_grad():
+        lora.lora_B.weight.normal_()
+    x = torch.randn(4, 6)
+    A, B, W0, b = lora.lora_A.weight, lora.lora_B.weight, base.weight, base.bias
+    expected = x @ W0.T + b + (6 / 3) * (x @ A.T @ B.T)               # W₀x + b + (α/r)·B(Ax)
+    torch.testing.assert_close(lora(x), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lora.delta_weight(), 2.0 * B @ A, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_and_the_separate_file_give_the_trained_model(tmp_path):
+    pipe = build_tiny_pipe(0)
+    base_unet = copy.deepcopy(pipe.unet)
+    keys = set(pipe.unet.state_dict())
+    inject_lora(pipe.unet, rank=4, alpha=2)
+    _randomise_b(pipe.unet)
+    x = _inputs(pipe.unet)
+    with torch.no_grad():
+        wrapped = pipe.unet(*x)
+    path = save_lora(pipe.unet, tmp_path / "lora.safetensors")
+    tensors, meta = read_lora(path)
+    assert meta["rank"] == 4 and meta["alpha"] == 2.0
+    assert all(k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
+
+    merge_lora(pipe.unet)
+    assert set(pipe.unet.state_dict()) == keys and not lora_layers(pipe.unet)
+    with torch.no_grad():
+        merged = pipe.unet(*x)
+        assert not torch.allclose(wrapped, base_unet(*x), atol=1e-4)   # the LoRA does change the output
+    torch.testing.assert_close(merged, wrapped, rtol=1e-5, atol=1e-5)
+
+    applied = apply_lora(copy.deepcopy(base_unet), path, scale=1.0)
+    for k, v in pipe.unet.state_dict().items():
+        torch.testing.assert_close(applied.state_dict()[k], v, rtol=0, atol=1e-6)
+    half = apply_lora(copy.deepcopy(base_unet), path, scale=0.5).state_dict()
+    full, base = applied.state_dict(), base_unet.state_dict()
+    for k in base:
+        torch.testing.assert_close(half[k] - base[k], (full[k] - base[k]) / 2, rtol=0, atol=1e-6)
+
+    with pytest.raises(KeyError, match="no module"):
+        apply_lora(nn.Sequential(nn.Linear(2, 2)), path)
+
+
+def test_finetune_lora_exports_merged_and_separate(tiny, tmp_path):
+    out = tmp_path / "out"
+    train(cfg_for(tiny, out, steps=3, train="lora", lora_rank=2, lora_alpha=4, lora_export="separate", lr=1e-2))
+    tuned, base = minidiff.load(out), minidiff.load(tiny["model"])
+    t, b = tuned.unet.state_dict(), base.unet.state_dict()
+    changed = {k for k in b if not torch.equal(t[k], b[k])}
+    assert changed and all(k.endswith(tuple(f"{n}.weight" for n in TARGETS)) for k in changed)
+    apply_lora(base, out / "lora.safetensors")
+    for k, v in base.unet.state_dict().items():
+        torch.testing.assert_close(v, t[k], rtol=0, atol=1e-6)
+    assert read_lora(out / "lora.safetensors")[1]["base_model"] == tiny["model"]
+    # merge (the default) writes no separate file
+    train(cfg_for(tiny, tmp_path / "merged", steps=1, train="lora", lora_rank=2))
+    assert not (tmp_path / "merged" / "lora.safetensors").exists()
