@@ -851,15 +851,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--batch-size", type=int, help="samples per process per micro-step")
     opt("--grad-accum", type=int, help="micro-steps accumulated per optimizer step")
     opt("--lr", type=float, help="peak learning rate")
-    opt("--resolution", type=int, help="training image side in px (default None = the model's native size)")
+    opt("--resolution", type=int, help="training image side in px; none: the model's native size (512 for SD v1)")
     opt("--seed", type=int, help="seed of every random choice (data order, augmentation, noise, LoRA init)")
-    opt("--device", help="cpu, cuda, cuda:1 ... (None = cuda:<local rank> if available, else cpu)")
+    opt("--device", help="cpu, cuda, cuda:1 ...; none: cuda:<local rank> when CUDA is there, else cpu")
     opt("--num-workers", type=int, help="DataLoader processes that load and augment images")
     p = p_.add_argument_group("what trains")
     opt("--train", choices=TRAIN_MODES, help="the whole U-Net, its last N up-blocks, or LoRA adapters")
     opt("--up-blocks", type=int, help="with --train last-up-blocks: N, counted from the output end")
     opt("--lora-rank", type=int, help="with --train lora: the rank r")
-    opt("--lora-alpha", type=float, help="with --train lora: α (ΔW = α/r · B A; None = r)")
+    opt("--lora-alpha", type=float, help="with --train lora: α in ΔW = α/r · B A; none: α = r")
     opt("--lora-export", choices=("merge", "separate"),
         help="merge: LoRA folded into OUT's weights; separate: the same, plus OUT/lora.safetensors for "
              "minidiff.lora.apply_lora on the base model")
