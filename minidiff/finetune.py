@@ -554,12 +554,14 @@ def default_validation_prompts(dataset) -> list[str]:
 
 @torch.no_grad()
 def render_validation(pipe, prompts, cfg: FinetuneConfig, resolution: int, autocast) -> Image.Image:
-    """One image per (prompt, seed) with fixed seeds, as a grid: rows = prompts, columns = seeds."""
+    """One image per (prompt, seed) with fixed seeds, as a grid: rows = prompts, columns = seeds.
+    Sampled under bf16 autocast when training uses it; in fp32 otherwise (fp16 would also run the VAE decoder in
+    fp16, whose activations overflow into black images)."""
     from .compare import make_grid
     was_training = pipe.unet.training
     pipe.unet.eval()
     rows = []
-    with autocast():
+    with autocast() if cfg.mixed_precision == "bf16" else nullcontext():
         for prompt in prompts:
             rows.append([pipe.generate(prompt, steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance,
                                        scheduler=cfg.validation_scheduler, seed=s, height=resolution,
