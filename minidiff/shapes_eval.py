@@ -1,0 +1,232 @@
+"""Did the picture follow the prompt? A plain pixel detector for the shapes world, and the quality evaluation of
+the tiny text-to-image model built on it.
+
+The detector reads an image the way the dataset drew it (minidiff.data.shapes), with no learning involved:
+
+  1. foreground   pixels far from white. Anti-aliased edges are partly white, so a pixel's "ink" is measured as
+                  a = |pixel - white| / |colour - white|  (its coverage, for a pixel mixed from white and colour)
+                  and a pixel is foreground when a ≥ ½. The colour comes from step 2 on a first rough mask.
+  2. colour       the palette colour nearest (Euclidean RGB) to the per-channel median of the foreground.
+  3. shape        the largest 4-connected blob of foreground, and its fill ratio
+                      fill = blob pixels / bounding-box pixels ≈ 1 (square), π/4 ≈ 0.785 (circle), 1/2 (triangle)
+                  cut at the midpoints: square above 0.89, circle above 0.64, triangle below.
+  4. clean        the image shows ONE shape: the blob holds ≥ 90% of the foreground and is at least 30 pixels.
+
+An image counts as correct when it is clean and shows the asked colour AND the asked shape.
+
+    python -m minidiff.shapes_eval                 # the committed model, 18 prompts × 8 seeds, writes a grid
+    python -m minidiff.shapes_eval --model DIR --steps 20 --scheduler ddim --guidance 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from .data.shapes import ALL_PAIRS, COLOURS, HELD_OUT, SHAPES, caption
+
+PALETTE = np.array(list(COLOURS.values()), np.float32)    # [6, 3]
+NAMES = list(COLOURS)
+WHITE = np.array([255, 255, 255], np.float32)
+ROUGH_DISTANCE = 60.0   # step 1's first pass: anything this far from white may be ink
+SQUARE_ABOVE = (1 + np.pi / 4) / 2                         # 0.893: midway between square and circle
+CIRCLE_ABOVE = (np.pi / 4 + 0.5) / 2                       # 0.643: midway between circle and triangle
+MIN_PIXELS, MIN_BLOB_SHARE = 30, 0.9
+
+# the evaluation protocol: fixed so the numbers in the model card can be reproduced
+EVAL = {"steps": 20, "scheduler": "ddim", "guidance_scale": 5.0, "seeds": tuple(range(8))}
+
+
+def as_array(image) -> np.ndarray:
+    """PIL image, uint8 [H, W, 3], or a float tensor / array [3, H, W] in [0, 1] -> float32 [H, W, 3] in 0..255."""
+    if hasattr(image, "detach"):  # torch tensor
+        image = image.detach().cpu().float().numpy()
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
+        a = a.transpose(1, 2, 0)                               # [3, H, W] -> [H, W, 3]
+    if a.dtype != np.uint8 and a.max() <= 1.0 + 1e-6:
+        a = a * 255.0                                          # [0, 1] -> [0, 255]
+    return a.astype(np.float32)[..., :3]
+
+
+def _nearest_colour(rgb: np.ndarray) -> int:
+    return int(np.argmin(((PALETTE - rgb) ** 2).sum(axis=1)))
+
+
+def largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a boolean mask [H, W] -> boolean [H, W] (a breadth-first flood fill)."""
+    H, W = mask.shape
+    label = np.zeros((H, W), np.int32)
+    best, best_n, n_labels = 0, 0, 0
+    for i0, j0 in zip(*np.nonzero(mask)):
+        if label[i0, j0]:
+            continue
+        n_labels += 1
+        label[i0, j0] = n_labels
+        queue, count = deque([(i0, j0)]), 0
+        while queue:
+            i, j = queue.popleft()
+            count += 1
+            for a, b in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)):
+                if 0 <= a < H and 0 <= b < W and mask[a, b] and not label[a, b]:
+                    label[a, b] = n_labels
+                    queue.append((a, b))
+        if count > best_n:
+            best, best_n = n_labels, count
+    return label == best if best else np.zeros_like(mask)
+
+
+def detect(image) -> dict:
+    """Judge one image -> {"colour": name | None, "shape": name | None, "fill": float, "pixels": int,
+    "blob_share": float, "clean": bool, "bbox": (top, left, bottom, right) | None}."""
+    x = as_array(image)                                         # [H, W, 3]
+    dist = np.sqrt(((x - WHITE) ** 2).sum(-1))                  # [H, W] distance from white
+    rough = dist > ROUGH_DISTANCE
+    if not rough.any():
+        return {"colour": None, "shape": None, "fill": 0.0, "pixels": 0, "blob_share": 0.0, "clean": False,
+                "bbox": None}
+    k = _nearest_colour(np.median(x[rough], axis=0))            # step 2 on the rough mask
+    ink = dist / np.linalg.norm(PALETTE[k] - WHITE)             # coverage estimate a
+    fg = ink >= 0.5                                             # [H, W] foreground
+    if fg.any():                                                # step 2 again on the final mask
+        k = _nearest_colour(np.median(x[fg], axis=0))
+    blob = largest_blob(fg)
+    n, total = int(blob.sum()), int(fg.sum())
+    if n == 0:
+        return {"colour": NAMES[k], "shape": None, "fill": 0.0, "pixels": 0, "blob_share": 0.0, "clean": False,
+                "bbox": None}
+    rows, cols = np.nonzero(blob)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    fill = n / float((bottom - top) * (right - left))
+    shape = "square" if fill > SQUARE_ABOVE else "circle" if fill > CIRCLE_ABOVE else "triangle"
+    share = n / total
+    return {"colour": NAMES[k], "shape": shape, "fill": fill, "pixels": n, "blob_share": share,
+            "clean": bool(n >= MIN_PIXELS and share >= MIN_BLOB_SHARE),
+            "bbox": (int(top), int(left), int(bottom), int(right))}
+
+
+def judge(image, colour: str, shape: str) -> dict:
+    """detect(image) plus whether it is what was asked: colour_ok, shape_ok, correct (= clean and both)."""
+    d = detect(image)
+    d["colour_ok"] = d["colour"] == colour
+    d["shape_ok"] = d["shape"] == shape
+    d["correct"] = bool(d["clean"] and d["colour_ok"] and d["shape_ok"])
+    return d
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def generate_grid(pipe, pairs=ALL_PAIRS, seeds=EVAL["seeds"], steps: int = EVAL["steps"],
+                  scheduler: str = EVAL["scheduler"], guidance_scale: float = EVAL["guidance_scale"],
+                  batch: int = 72):
+    """Images for every (pair, seed): the initial noise of seed s is torch.randn([1, 4, h, w], Generator(s)), so an
+    image equals pipe.generate(prompt, seed=s) on its own. -> (float tensor [P·S, 3, H, W] in [0, 1], prompts list)."""
+    import torch
+    c = pipe.unet.config
+    shape = (1, c.in_channels, c.sample_size, c.sample_size)
+    prompts, noise = [], []
+    for colour, shape_name in pairs:
+        for s in seeds:
+            prompts.append(caption(colour, shape_name))
+            noise.append(torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))))
+    noise = torch.cat(noise)                                                    # [P·S, 4, h, w]
+    out = []
+    for i in range(0, len(prompts), batch):
+        out.append(pipe.generate(prompts[i:i + batch], steps=steps, guidance_scale=guidance_scale,
+                                 scheduler=scheduler, latents=noise[i:i + batch], output="tensor", progress=False))
+    return torch.cat(out), prompts
+
+
+def evaluate(pipe, pairs=ALL_PAIRS, seeds=EVAL["seeds"], steps: int = EVAL["steps"],
+             scheduler: str = EVAL["scheduler"], guidance_scale: float = EVAL["guidance_scale"]) -> dict:
+    """Generate every pair × seed and judge it. -> {"trained": accuracy, "held_out": accuracy, "per_pair":
+    {prompt: accuracy}, "colour": acc, "shape": acc, "images": tensor, "judgements": list, "settings": dict}.
+    Accuracies are fractions of images judged correct (asked colour AND shape, one clean shape)."""
+    t0 = time.perf_counter()
+    images, prompts = generate_grid(pipe, pairs, seeds, steps, scheduler, guidance_scale)
+    seconds = time.perf_counter() - t0
+    judgements = []
+    for img, p in zip(images, prompts):
+        colour, shape = p.split()[1:]
+        judgements.append({"prompt": p, **judge(img, colour, shape)})
+    per_pair = {}
+    for j in judgements:
+        per_pair.setdefault(j["prompt"], []).append(j["correct"])
+    held = {caption(*p) for p in HELD_OUT}
+
+    def acc(keep):
+        xs = [j["correct"] for j in judgements if keep(j["prompt"])]
+        return float(np.mean(xs)) if xs else float("nan")
+
+    return {"trained": acc(lambda p: p not in held), "held_out": acc(lambda p: p in held),
+            "per_pair": {p: float(np.mean(v)) for p, v in per_pair.items()},
+            "colour": float(np.mean([j["colour_ok"] for j in judgements])),
+            "shape": float(np.mean([j["shape_ok"] for j in judgements])),
+            "clean": float(np.mean([j["clean"] for j in judgements])),
+            "images": images, "judgements": judgements, "seconds": seconds,
+            "settings": {"steps": steps, "scheduler": scheduler, "guidance_scale": guidance_scale,
+                         "seeds": list(seeds), "n_images": len(prompts)}}
+
+
+def save_grid(images, path, ncol: int = 8, scale: int = 2):
+    """[N, 3, H, W] in [0, 1] -> one PNG, ncol images per row (one row per prompt in evaluate's order)."""
+    from PIL import Image
+    a = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # [N, H, W, 3]
+    N, H, W, _ = a.shape
+    nrow = -(-N // ncol)
+    canvas = np.full((nrow * (H + 2), ncol * (W + 2), 3), 128, np.uint8)
+    for i, img in enumerate(a):
+        r, c = divmod(i, ncol)
+        canvas[r * (H + 2) + 1:r * (H + 2) + 1 + H, c * (W + 2) + 1:c * (W + 2) + 1 + W] = img
+    im = Image.fromarray(canvas)
+    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
+    return path
+
+
+def format_report(r: dict) -> str:
+    s = r["settings"]
+    lines = [f"{s['n_images']} images: {s['scheduler']}, {s['steps']} steps, guidance {s['guidance_scale']}, "
+             f"seeds {s['seeds'][0]}..{s['seeds'][-1]} ({r['seconds']:.1f} s)",
+             f"trained pairs:  {100 * r['trained']:.1f}% correct (target >= 90%)",
+             f"held-out pairs: {100 * r['held_out']:.1f}% correct (target >= 60%)",
+             f"colour right {100 * r['colour']:.1f}%, shape right {100 * r['shape']:.1f}%, "
+             f"one clean shape {100 * r['clean']:.1f}%"]
+    held = {caption(*p) for p in HELD_OUT}
+    for p, a in r["per_pair"].items():
+        lines.append(f"  {p:<20s} {100 * a:5.1f}%{'   (held out)' if p in held else ''}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m minidiff.shapes_eval",
+                                description="Generate 8 seeds × 18 prompts and judge them with the pixel detector.")
+    p.add_argument("--model", default=None, help="a diffusers folder (default: the committed weights/minidiff-shapes)")
+    p.add_argument("--steps", type=int, default=EVAL["steps"])
+    p.add_argument("--scheduler", default=EVAL["scheduler"])
+    p.add_argument("--guidance", type=float, default=EVAL["guidance_scale"])
+    p.add_argument("--seeds", type=int, default=len(EVAL["seeds"]), help="seeds 0..N-1 per prompt")
+    p.add_argument("--grid", default=None, help="write the images as a PNG grid (one row per prompt)")
+    p.add_argument("--json", default=None, help="write the numbers as JSON")
+    args = p.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(2)
+    import minidiff
+    pipe = minidiff.load(args.model)
+    r = evaluate(pipe, seeds=tuple(range(args.seeds)), steps=args.steps, scheduler=args.scheduler,
+                 guidance_scale=args.guidance)
+    print(format_report(r))
+    if args.grid:
+        save_grid(r["images"], args.grid, ncol=args.seeds)
+        print(f"grid: {args.grid}")
+    if args.json:
+        keep = {k: v for k, v in r.items() if k not in ("images", "judgements")}
+        Path(args.json).write_text(json.dumps(keep, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""The shapes dataset (minidiff.data.shapes) and the pixel detector that judges generated images (minidiff.shapes_eval).
+
+The renderer is checked against geometry (areas, extents), not against itself; the detector is then checked to be
+exact on every colour × shape × size 12..24 at random positions, with and without anti-aliasing."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from minidiff.data import shapes
+from minidiff.data.shapes import (ALL_PAIRS, COLOURS, HELD_OUT, SHAPES, TRAIN_PAIRS, caption, coverage,
+                                  load_dataset, make_dataset, parse_caption, render_shape, sample_specs)
+from minidiff.shapes_eval import detect, judge, largest_blob
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+@pytest.mark.parametrize("size", [12, 17, 24])
+def test_coverage_areas_match_geometry(size):
+    """Summed coverage = the shape's area: s² (square), π s²/4 (circle), s²/2 (triangle), within supersampling error."""
+    area = {"square": size ** 2, "circle": math.pi * size ** 2 / 4, "triangle": size ** 2 / 2}
+    for shape in SHAPES:
+        cov = coverage(shape, size, 3, 5)
+        assert cov.min() >= 0 and cov.max() <= 1
+        assert cov.sum() == pytest.approx(area[shape], rel=0.02), shape
+        rows, cols = np.nonzero(cov)
+        # the shape stays inside its bounding box [x, x+size) × [y, y+size)
+        assert rows.min() >= 5 and rows.max() < 5 + size and cols.min() >= 3 and cols.max() < 3 + size
+
+
+def test_render_shape_pixels():
+    img = render_shape("blue", "square", 12, 4, 6)
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    assert (img[6:18, 4:16] == COLOURS["blue"]).all()                 # inside: the exact colour
+    outside = np.ones((32, 32), bool)
+    outside[6:18, 4:16] = False
+    assert (img[outside] == 255).all()                                  # outside: white
+    tri = render_shape("red", "triangle", 20, 0, 0, antialias=False)
+    assert (tri[0, 0] == 255).all() and (tri[19, 10] == COLOURS["red"]).all()  # apex corner empty, base middle full
+    assert (tri[19, 0] == COLOURS["red"]).all() or (tri[19, 1] == COLOURS["red"]).all()
+
+
+def test_render_shape_rejects_bad_input():
+    with pytest.raises(ValueError):
+        render_shape("pink", "circle", 12, 0, 0)
+    with pytest.raises(ValueError):
+        render_shape("red", "hexagon", 12, 0, 0)
+    with pytest.raises(ValueError):
+        render_shape("red", "circle", 24, 10, 0)  # 10 + 24 > 32
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+def test_pairs_and_captions():
+    assert len(ALL_PAIRS) == 18 and len(TRAIN_PAIRS) == 15
+    assert set(HELD_OUT) == {("purple", "triangle"), ("orange", "circle"), ("green", "square")}
+    assert caption("red", "circle") == "a red circle"
+    assert parse_caption("a purple triangle") == ("purple", "triangle")
+    with pytest.raises(ValueError):
+        parse_caption("a red hexagon")
+
+
+def test_specs_cover_training_pairs_and_never_the_held_out_ones():
+    specs = sample_specs(3000, seed=1)
+    pairs = {(s["colour"], s["shape"]) for s in specs}
+    assert pairs == set(TRAIN_PAIRS)
+    assert not pairs & set(HELD_OUT)
+    assert {s["size"] for s in specs} == set(range(12, 25))
+    for s in specs:
+        assert 0 <= s["x"] and s["x"] + s["size"] <= 32 and 0 <= s["y"] and s["y"] + s["size"] <= 32
+        assert s["text"] == f"a {s['colour']} {s['shape']}"
+    xs = [s["x"] for s in specs if s["size"] == 12]
+    assert min(xs) == 0 and max(xs) == 20                              # anywhere inside the canvas
+
+
+def test_make_dataset_is_deterministic_and_readable(tmp_path):
+    a = make_dataset(tmp_path / "a", 40, seed=7)
+    b = make_dataset(tmp_path / "b", 40, seed=7)
+    c = make_dataset(tmp_path / "c", 40, seed=8)
+    rows = [json.loads(line) for line in (a / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and all({"file_name", "text"} <= set(r) for r in rows)
+    assert (a / "metadata.jsonl").read_text() == (b / "metadata.jsonl").read_text()
+    assert (a / "metadata.jsonl").read_text() != (c / "metadata.jsonl").read_text()
+    images, captions = load_dataset(a)
+    images_b, _ = load_dataset(b)
+    assert images.shape == (40, 32, 32, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, images_b)
+    for img, r, text in zip(images, rows, captions):
+        assert text == r["text"] == caption(r["colour"], r["shape"])
+        assert (r["colour"], r["shape"]) not in HELD_OUT
+        # the PNG holds exactly the rendered shape its row describes
+        assert np.array_equal(img, render_shape(r["colour"], r["shape"], r["size"], r["x"], r["y"]))
+
+
+# ------------------------------------------------------------------------------------------------ detector
+@pytest.mark.parametrize("antialias", [True, False])
+def test_detector_exact_on_ground_truth(antialias):
+    rng = np.random.default_rng(0 if antialias else 1)
+    n = 0
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for size in range(12, 25):
+                x, y = (int(v) for v in rng.integers(0, 33 - size, size=2))
+                d = judge(render_shape(colour, shape, size, x, y, antialias=antialias), colour, shape)
+                assert d["correct"], (colour, shape, size, x, y, d)
+                # the blob's box is the drawn box (a half-covered apex or rim pixel may fall below the threshold)
+                assert np.abs(np.subtract(d["bbox"], (y, x, y + size, x + size))).max() <= (0 if shape == "square" else 1)
+                n += 1
+    assert n == 6 * 3 * 13
+
+
+def test_detector_accepts_pil_and_tensors():
+    torch = pytest.importorskip("torch")
+    from PIL import Image
+    img = render_shape("yellow", "circle", 20, 6, 2)
+    t = torch.from_numpy(img).permute(2, 0, 1).float() / 255     # [3, H, W] in [0, 1], as the pipeline returns
+    for x in (img, Image.fromarray(img), t):
+        d = detect(x)
+        assert (d["colour"], d["shape"], d["clean"]) == ("yellow", "circle", True)
+
+
+def test_detector_tolerates_noise_but_not_wrong_pictures():
+    rng = np.random.default_rng(3)
+    for colour, shape in ALL_PAIRS:
+        img = render_shape(colour, shape, 16, 8, 8).astype(np.float32)
+        noisy = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)   # sampler-like grain
+        assert judge(noisy, colour, shape)["correct"], (colour, shape)
+    blank = np.full((32, 32, 3), 255, np.uint8)
+    assert detect(blank)["shape"] is None and not judge(blank, "red", "circle")["correct"]
+    two = np.minimum(render_shape("red", "square", 12, 0, 0), render_shape("red", "square", 12, 18, 18))
+    assert not detect(two)["clean"]                                 # two shapes: not one clean shape
+    assert not judge(render_shape("red", "circle", 20, 4, 4), "red", "square")["correct"]
+    assert not judge(render_shape("orange", "circle", 20, 4, 4), "red", "circle")["correct"]
+
+
+def test_largest_blob():
+    m = np.zeros((6, 6), bool)
+    m[0, 0] = m[0, 1] = True          # a blob of 2
+    m[3:6, 3:6] = True                # a blob of 9
+    m[2, 2] = True                    # touches the 9-blob only diagonally: not 4-connected
+    b = largest_blob(m)
+    assert b.sum() == 9 and b[3:, 3:].all() and not b[2, 2]
+    assert not largest_blob(np.zeros((4, 4), bool)).any()
+
+
+def test_module_constants_are_the_specified_palette():
+    assert shapes.COLOURS == {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+                              "yellow": (240, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 30)}
+    assert (shapes.MIN_SIZE, shapes.MAX_SIZE, shapes.IMAGE_SIZE) == (12, 24, 32)
