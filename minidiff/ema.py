@@ -65,9 +65,10 @@ class EMA:
 
     @contextmanager
     def swapped_in(self, params):
-        """Use the averaged weights inside the `with` block, the trained ones again after it."""
+        """Use the averaged weights inside the `with` block, the trained ones again after it (kept meanwhile in CPU
+        memory, so swapping needs no extra GPU memory)."""
         named = self._named(params)
-        saved = {n: p.detach().clone() for n, p in named.items()}
+        saved = {n: p.detach().to("cpu", copy=True) for n, p in named.items()}
         self.copy_to(named)
         try:
             yield

@@ -318,7 +318,6 @@ def cache_latents(dataset, vae, device, flip: bool, batch: int = 8, progress: bo
     """Encode every image once with the frozen VAE: {"moments": [unflipped [N, 2C, h, w], flipped (or the same)],
     "text": [N captions]}. The moments are the posterior's (mean | log σ²); a latent is sampled from them each
     time it is used, exactly as an uncached step would. Kept on the CPU."""
-    from .vae import DiagonalGaussian  # noqa: F401  (the posterior the moments describe)
     moments, flipped, texts = [], [], []
     for s in tqdm(range(0, len(dataset), batch), desc="caching latents", disable=not progress):
         items = [dataset[i] for i in range(s, min(s + batch, len(dataset)))]
@@ -621,6 +620,9 @@ def _train(cfg: FinetuneConfig, ctx: Dist) -> dict:
 
     out = Path(cfg.output)
     device = ctx.device
+    if not cfg.resume and list_checkpoints(out):
+        raise FileExistsError(f"{out} already holds checkpoints of a run (latest: {list_checkpoints(out)[-1].name}): "
+                              f"pass --resume to continue it, or use another --output")
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         for stale in (out / CKPT_DIR).glob(".step-*"):            # a checkpoint half-written by a killed run
@@ -668,9 +670,6 @@ def _train(cfg: FinetuneConfig, ctx: Dist) -> dict:
 
     # ---- resume
     start, last_ckpt = 0, None
-    if not cfg.resume and list_checkpoints(out):
-        raise FileExistsError(f"{out} already holds checkpoints of a run (latest: {list_checkpoints(out)[-1].name}): "
-                              f"pass --resume to continue it, or use another --output")
     if cfg.resume:
         found = list_checkpoints(out)
         if found:

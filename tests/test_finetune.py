@@ -153,6 +153,10 @@ def test_ema_matches_diffusers_emamodel():
         theirs.step(params)
     for a, b in zip(ours.shadow.values(), theirs.shadow_params):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    trained = [p.detach().clone() for p in params]
+    with ours.swapped_in(params):                       # validation renders with the average ...
+        assert all(torch.equal(p, s) for p, s in zip(params, ours.shadow.values()))
+    assert all(torch.equal(p, t) for p, t in zip(params, trained))   # ... and training goes on from its own weights
     state = ours.state_dict()
     again = EMA(params, decay=0.5)
     again.load_state_dict(state)
