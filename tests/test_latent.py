@@ -7,15 +7,6 @@ import torch
 from minidiff.nn import PCA, Autoencoder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many tiny matmuls in a training loop: with 2 threads, OpenMP's hand-offs made this ~40x slower on a loaded
-    # 2-core machine (measured: 143 s vs 3.6 s); one thread is fastest for such small work.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def linear_latent_data(N=4000, D=10, k=3, sigma=0.1, seed=0):
     g = torch.Generator().manual_seed(seed)

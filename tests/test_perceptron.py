@@ -5,15 +5,6 @@ import torch
 from minidiff.nn import MLP, Perceptron, relu
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many tiny matmuls in a training loop: with 2 threads, OpenMP's hand-offs made this ~40x slower on a loaded
-    # 2-core machine (measured: 143 s vs 3.6 s); one thread is fastest for such small work.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 X = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 TRUTH = {"and": [0, 0, 0, 1], "or": [0, 1, 1, 1], "xor": [0, 1, 1, 0]}
 

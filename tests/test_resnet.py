@@ -6,15 +6,6 @@ from torch import nn
 from minidiff.nn import BasicBlock, ResnetBlock
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many tiny matmuls in a training loop: with 2 threads, OpenMP's hand-offs made this ~40x slower on a loaded
-    # 2-core machine (measured: 143 s vs 3.6 s); one thread is fastest for such small work.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_basic_block_shapes():
     x = torch.randn(2, 16, 9, 7)

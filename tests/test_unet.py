@@ -52,15 +52,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is fastest, and on a busy machine several threads contend badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def jitter(model, seed=0):
     """diffusers initialises norms to 1/0 and some biases to 0; randomise every weight so parity means something."""
     g = torch.Generator().manual_seed(seed)
