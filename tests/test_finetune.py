@@ -60,15 +60,6 @@ def write_tiny_dataset(folder, n: int = 6, seed: int = 0):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models are latency-bound; on a shared 2-core machine one thread is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")

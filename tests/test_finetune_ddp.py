@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from minidiff.finetune import train
-from test_finetune import EQUIV, _one_thread, cfg_for, read_log, tiny, unet_weights  # noqa: F401  (fixtures)
+from test_finetune import EQUIV, cfg_for, read_log, tiny, unet_weights  # noqa: F401  (tiny is a fixture)
 
 
 def test_two_processes_match_one(tiny, tmp_path):

@@ -10,7 +10,7 @@ import minidiff
 from minidiff.finetune import train
 from minidiff.lora import (TARGETS, LoRALinear, apply_lora, inject_lora, lora_layers, lora_parameters, merge_lora,
                            read_lora, save_lora)
-from test_finetune import _one_thread, build_tiny_pipe, cfg_for, tiny  # noqa: F401  (fixtures)
+from test_finetune import build_tiny_pipe, cfg_for, tiny  # noqa: F401  (tiny is a fixture)
 
 
 def _inputs(unet, seed=0):
