@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .schedulers import make_scheduler
+from .schedulers import make_scheduler, scheduler_name
 
 SD_V1_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
@@ -64,9 +64,10 @@ class StableDiffusion:
             m.to(device=device, dtype=dtype)
         return self
 
-    def make_scheduler(self, name: str = "pndm"):
-        """A fresh scheduler of the given kind ("pndm" | "ddim" | "ddpm" | "euler" | "dpmpp") on this model's schedule."""
-        return make_scheduler(name, self.scheduler_config)
+    def make_scheduler(self, name: str | None = None):
+        """A fresh scheduler of the given kind ("pndm" | "ddim" | "ddpm" | "euler" | "dpmpp") on this model's schedule;
+        None: the kind its scheduler_config.json names (PNDM for SD v1.4), as diffusers' pipelines do."""
+        return make_scheduler(name or scheduler_name(self.scheduler_config), self.scheduler_config)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:

@@ -93,3 +93,15 @@ def test_bad_arguments(pipes):
         pipe.generate("x", latents=torch.zeros(1, 4, 3, 3), steps=1, progress=False)
     with pytest.raises(ValueError, match="pndm"):
         pipe.generate("x", scheduler="heun", steps=1, progress=False)
+
+
+def test_default_scheduler_is_the_models_own(pipes):
+    """scheduler=None takes the class the model's scheduler_config.json names, as diffusers' pipelines do."""
+    import dataclasses
+    pipe, _ = pipes
+    assert type(pipe.make_scheduler()).__name__ == "PNDMScheduler"  # SD v1.4's config names PNDM
+    ddim_model = dataclasses.replace(pipe, scheduler_config=dict(pipe.scheduler_config, _class_name="DDIMScheduler"))
+    a = ddim_model.generate("x", steps=3, seed=0, output="tensor", progress=False)
+    b = pipe.generate("x", steps=3, seed=0, output="tensor", progress=False, scheduler="ddim")
+    c = pipe.generate("x", steps=3, seed=0, output="tensor", progress=False)
+    assert torch.equal(a, b) and not torch.equal(b, c)

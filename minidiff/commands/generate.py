@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim", "ddpm", "euler", "dpmpp"])
+    p.add_argument("--scheduler", default=None, choices=["pndm", "ddim", "ddpm", "euler", "dpmpp"],
+                   help="default: the model's own (pndm for SD v1.4, ddim for the embedded model)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--height", type=int, default=None)

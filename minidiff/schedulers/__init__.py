@@ -32,5 +32,12 @@ def make_scheduler(name: str, config: dict | None = None, **overrides) -> Schedu
     return SCHEDULERS[name].from_config(SD_V1_CONFIG if config is None else config, **overrides)
 
 
+def scheduler_name(config: dict | None) -> str:
+    """The SCHEDULERS key of the class a scheduler_config.json names (its `_class_name`); "pndm" when it names none
+    we have (SD v1.4's own config names PNDMScheduler)."""
+    by_class = {cls.__name__: name for name, cls in SCHEDULERS.items()}
+    return by_class.get((config or {}).get("_class_name"), "pndm")
+
+
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "PNDMScheduler",
-           "SCHEDULERS", "SD_V1_CONFIG", "Scheduler", "make_scheduler"]
+           "SCHEDULERS", "SD_V1_CONFIG", "Scheduler", "make_scheduler", "scheduler_name"]
