@@ -153,7 +153,7 @@ def read_prompts(path=None) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------- comparing
-def render(model, prompts, seeds, steps: int = 50, guidance: float = 7.5, scheduler: str = "pndm", height=None,
+def render(model, prompts, seeds, steps: int = 50, guidance: float = 7.5, scheduler: str | None = None, height=None,
            width=None, negative_prompt=None, device="cpu", dtype=None, progress: bool = True) -> dict:
     """{(prompt, seed): PIL image} — each one exactly `pipe.generate(prompt, seed=seed, ...)`.
 
@@ -175,13 +175,14 @@ def render(model, prompts, seeds, steps: int = 50, guidance: float = 7.5, schedu
 
 
 def compare(base, tuned, prompts=None, seeds=(0, 1), steps: int = 50, guidance: float = 7.5,
-            scheduler: str = "pndm", height=None, width=None, negative_prompt=None, device="cpu", dtype=None,
+            scheduler: str | None = None, height=None, width=None, negative_prompt=None, device="cpu", dtype=None,
             labels=("base", "tuned"), cell: int | None = None, title: str | None = None,
             progress: bool = True) -> Image.Image:
     """The comparison grid: rows = prompts; columns = (base, tuned) for each seed, the same seed side by side.
 
     base, tuned: loaded StableDiffusion objects or paths (loaded one after the other, so only one model is in
     memory at a time when paths are given). prompts: a list, or None for the monograph's prompts.
+    scheduler: a sampler name, or None for each model's own (the class its scheduler_config.json names).
     cell: the cell side in pixels (None: the images' size, enlarged to >= 128 px for tiny models)."""
     prompts = read_prompts() if prompts is None else list(prompts)
     seeds = [int(s) for s in seeds]
@@ -211,8 +212,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="compare.png", help="output PNG (default: compare.png)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default: 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    p.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim", "ddpm", "euler", "dpmpp"],
-                   help="sampler (default: pndm, SD v1's)")
+    p.add_argument("--scheduler", default=None, choices=["pndm", "ddim", "ddpm", "euler", "dpmpp"],
+                   help="sampler (default: the model's own, from its scheduler_config.json: PNDM for SD v1)")
     p.add_argument("--negative", default=None, help="negative prompt for every image")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
@@ -232,7 +233,7 @@ def run(args) -> int:
         raise SystemExit(f"--labels needs two names separated by a comma, got {args.labels!r}")
     prompts = read_prompts(args.prompts)
     title = (f"{labels[0]}: {args.base or 'embedded model'}   {labels[1]}: {args.tuned}   "
-             f"({args.scheduler}, {args.steps} steps, guidance {args.guidance})")
+             f"({args.scheduler or 'its own sampler'}, {args.steps} steps, guidance {args.guidance})")
     grid = compare(args.base, args.tuned, prompts, seeds, steps=args.steps, guidance=args.guidance,
                    scheduler=args.scheduler, height=args.height, width=args.width, negative_prompt=args.negative,
                    device=args.device, dtype=getattr(torch, DTYPES[args.dtype]), labels=labels, cell=args.cell,

@@ -118,7 +118,7 @@ class FinetuneConfig:
     validation_seeds: tuple = (0,)
     validation_steps: int = 25
     validation_guidance: float = 7.5
-    validation_scheduler: str = "pndm"
+    validation_scheduler: str | None = None     # None = the model's own (from its scheduler_config.json)
     resume: bool = False
     export_compvis: bool = False
     max_steps_this_run: int | None = None       # stop after this many steps in this invocation (like a kill)
@@ -902,7 +902,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validation-seeds", default=S, help="comma-separated seeds (default: 0)")
     opt("--validation-steps", type=int, help="sampler steps of the validation images (0 = no validation)")
     opt("--validation-guidance", type=float, help="guidance scale of the validation images")
-    opt("--validation-scheduler", choices=("pndm", "ddim", "ddpm", "euler", "dpmpp"), help="validation sampler")
+    opt("--validation-scheduler", choices=("pndm", "ddim", "ddpm", "euler", "dpmpp"),
+        help="validation sampler (none: the model's own, PNDM for SD v1)")
     opt("--resume", action="store_true", help="continue from the last checkpoint in --output up to --steps")
     opt("--export-compvis", action="store_true", help="also write OUT/model.safetensors in the CompVis layout")
     opt("--max-steps-this-run", type=int,
