@@ -36,16 +36,21 @@ class StableDiffusion:
     unet:         (latents [B, 4, h, w], t, context) -> predicted noise [B, 4, h, w]
     vae:          encode(images [B, 3, H, W]) -> posterior; decode(z [B, 4, h, w]) -> images in [-1, 1]
     scheduler_config: the diffusers scheduler_config.json dict the model was trained with
+    fast:         generate() first applies minidiff.speed.optimize (oneDNN linears, fused QKV, channels-last: the same
+                  parameters and, within rounding, the same numbers); False keeps the reference modules as they are
+    execution_device: where to compute when the networks are offloaded (set by speed.enable_model_offload)
     """
     tokenizer: object
     text_encoder: torch.nn.Module
     unet: torch.nn.Module
     vae: torch.nn.Module
     scheduler_config: dict = field(default_factory=lambda: dict(SD_V1_SCHEDULER))
+    fast: bool = True
+    execution_device: torch.device | None = None
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self.execution_device or next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -77,17 +82,23 @@ class StableDiffusion:
 
     @torch.no_grad()
     def generate(self, prompt, negative_prompt=None, steps: int = 50, guidance_scale: float = 7.5,
-                 scheduler: str = "pndm", seed: int | None = None, latents: torch.Tensor | None = None,
+                 scheduler: str | None = None, seed: int | None = None, latents: torch.Tensor | None = None,
                  height: int | None = None, width: int | None = None, num_images: int = 1, output: str = "pil",
                  generator: torch.Generator | None = None, eta: float = 0.0, progress: bool = True, callback=None):
         """Text to image.
 
         prompt: a string or a list of B strings; negative_prompt: None (= ""), a string, or a list of B strings.
+        scheduler: "pndm" | "ddim" | "ddpm" | "euler" | "dpmpp"; None = the model's own (scheduler_config's class:
+        "pndm" for SD v1.4, "ddim" for the embedded shapes model).
         seed / generator: where the initial noise (and DDPM/DDIM-eta noise) comes from; latents: explicit initial
         unit-variance noise [B·num_images, 4, H/8, W/8], scaled by the scheduler's initial sigma as diffusers does.
         callback(step_index, t, latents) is called after every step (latents [N, 4, h, w]).
         Returns a list of B·num_images PIL images, or with output="tensor" a tensor [N, 3, H, W] in [0, 1].
         """
+        if self.fast:
+            from . import speed
+            if not all(speed.is_optimized(m) for m in (self.text_encoder, self.unet, self.vae)):
+                speed.optimize(self)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         B = len(prompts)
         if negative_prompt is None:
@@ -132,6 +143,8 @@ class StableDiffusion:
             if guided:
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+            else:  # a tensor of our own: PNDM / DPM++ keep past outputs, and a U-Net compiled with CUDA graphs
+                eps = eps.clone()  # writes every call's output into the same buffer
             latents = self._step(sched, eps, t, latents, generator, eta)
             if callback is not None:
                 callback(i, t, latents)

@@ -47,14 +47,23 @@ def attention_impl(impl: str):
         set_attention_impl(old)
 
 
-def attention(q, k, v, mask=None, causal: bool = False, impl: str | None = None):
+def attention(q, k, v, mask=None, causal: bool = False, impl: str | None = None, slice_size: int | None = None):
     """softmax(QKᵀ/√d + mask) V.
 
     q: [B, h, L, d]; k, v: [B, h, S, d] -> [B, h, L, d].
     mask: broadcastable to [B, h, L, S]; bool (True = attend) or float (added to the scores, -inf = blocked).
     causal: query i sees keys j <= i only (a decoder, e.g. CLIP's text transformer).
+    slice_size: a memory saver: the queries in chunks of this many, so at most [B, h, slice_size, S] scores exist at
+    once (each query's softmax only needs its own row, so the result is the same).
     """
     impl = impl or _IMPL
+    L = q.shape[-2]
+    if slice_size and L > slice_size:
+        if causal:  # the chunk starting at query i needs rows i.. of the causal mask: build it whole, slice it below
+            mask, causal = _merge_causal(mask, L, k.shape[-2], q.device, q.dtype), False
+        rows = mask is not None and mask.dim() >= 2 and mask.shape[-2] == L  # a mask per query row (else broadcast)
+        return torch.cat([attention(q[..., i:i + slice_size, :], k, v, mask[..., i:i + slice_size, :] if rows else mask,
+                                    impl=impl) for i in range(0, L, slice_size)], dim=-2)  # [B, h, L, d]
     if impl == "sdpa":
         if causal and mask is not None:  # SDPA takes one or the other: fold causality into the mask
             mask = _merge_causal(mask, q.shape[-2], k.shape[-2], q.device, q.dtype)
@@ -99,6 +108,8 @@ class CrossAttention(nn.Module):
         # a list of one, so the parameter names match the published checkpoints ("to_out.0.weight")
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
 
+    slice_size: int | None = None  # attention in query chunks (a memory saver, see minidiff.speed.enable_attention_slicing)
+
     def forward(self, x, context=None, mask=None):
         context = x if context is None else context
         B, L, _ = x.shape
@@ -107,7 +118,7 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(B, L, h, -1).transpose(1, 2)        # [B, L, h*d] -> [B, h, L, d]
         k = self.to_k(context).view(B, S, h, -1).transpose(1, 2)  # [B, h, S, d]
         v = self.to_v(context).view(B, S, h, -1).transpose(1, 2)  # [B, h, S, d]
-        out = attention(q, k, v, mask=mask)                       # [B, h, L, d]
+        out = attention(q, k, v, mask=mask, slice_size=self.slice_size)  # [B, h, L, d]
         out = out.transpose(1, 2).reshape(B, L, -1)               # [B, L, h*d]
         return self.to_out[0](out)
 
