@@ -1,0 +1,148 @@
+"""Shared by the benchmark scripts: the machine and software a number was measured on, interleaved timing, and
+appending a result section to docs/benchmarks.md."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "benchmarks.md"
+sys.path.insert(0, str(REPO))
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def memory_gib() -> float | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return None
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def git_commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return rev + (" (+ uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> str:
+    import torch
+    flags = cpu_flags()
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    mem = memory_gib()
+    parts = [f"{cpu_model()}, {os.cpu_count()} cores ({', '.join(isa) or 'no AVX info'})",
+             f"{mem:.0f} GiB RAM" if mem else "", f"torch threads: {torch.get_num_threads()}"]
+    if torch.cuda.is_available():
+        parts.append("GPU: " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
+    return "; ".join(p for p in parts if p)
+
+
+def versions() -> str:
+    import torch
+    out = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for name in ("diffusers", "transformers", "bitsandbytes"):
+        try:
+            out.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            pass
+    if torch.version.cuda:
+        out.append(f"CUDA {torch.version.cuda}")
+    out.append(f"minidiff {git_commit()}")
+    return ", ".join(out)
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+
+
+def interleaved(fns: dict, n: int, warmup: int = 1, sync=None, progress: bool = True) -> dict:
+    """Time every callable n times, round-robin (a, b, c, a, b, c, ...), so that a change in the machine's load hits
+    all of them alike. -> {name: {"wall": [s, ...], "cpu": [s, ...]}} (cpu = this process's CPU time, all threads)."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+            if sync:
+                sync()
+    out = {k: {"wall": [], "cpu": []} for k in fns}
+    for i in range(n):
+        for k, f in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            f()
+            if sync:
+                sync()
+            out[k]["wall"].append(time.perf_counter() - w0)
+            out[k]["cpu"].append(time.process_time() - c0)
+        if progress:
+            print(f"  round {i + 1}/{n}: " + ", ".join(f"{k} {v['wall'][-1]:.2f}s" for k, v in out.items()), flush=True)
+    return out
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def append_section(title: str, table: str, notes: list[str] | None = None, load_before: str | None = None) -> str:
+    """Append a dated section (machine, versions, command, load, the table, notes) to docs/benchmarks.md."""
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    lines = [f"### {title} — {now}", "",
+             f"- machine: {machine()}",
+             f"- versions: {versions()}",
+             f"- command: `{command_line()}`"]
+    if load_before is not None:
+        lines.append(f"- load average (1/5/15 min) before / after: {load_before} → {load_average()}")
+    lines += ["", table, ""]
+    lines += [f"- {n}" for n in notes or []]
+    text = "\n".join(lines).rstrip() + "\n\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    if not DOC.exists():
+        DOC.write_text("# Benchmarks\n\n")
+    with open(DOC, "a") as f:
+        f.write(text)
+    print(f"appended to {DOC.relative_to(REPO)}")
+    return text
