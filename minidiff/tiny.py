@@ -1,0 +1,652 @@
+"""Chapter 10, continued — a whole text-to-image model trained from scratch on a CPU: minidiff's embedded default.
+
+Stable Diffusion is three networks trained one after the other (Rombach et al. 2022): an autoencoder that makes
+images small, a text encoder that turns prompts into vectors, and a denoising U-Net that learns to draw in the
+autoencoder's latent space while listening to the text. Here each is shrunk until the whole recipe runs in
+under 30 minutes on two CPU cores, and trained on the shapes world (minidiff.data.shapes: "a red circle", ...):
+
+  stage    network                                  trained on                      objective
+  data     —                                        20,000 rendered 32×32 images    (15 of 18 colour×shape pairs)
+  vae      AutoencoderKL 32×32×3 -> 8×8×4           images                          Σ(x − D(z))² + β·KL  (neg. ELBO)
+  clip     CLIP text tower + small ViT              (caption, image) pairs          InfoNCE, learned temperature
+  latents  the frozen VAE encodes every image; scaling_factor = 1 / std(z), so the U-Net sees unit variance
+  unet     U-Net ε_θ(z_t, t, τ(y)) (chapter 7)      frozen latents, frozen text     E‖ε − ε_θ(√ᾱ_t z + √(1−ᾱ_t) ε, t, τ(y))‖²
+                                                    10% captions dropped to ""      (so classifier-free guidance works)
+  save     minidiff.save(...) as a diffusers folder, then the pixel-detector evaluation (minidiff.shapes_eval);
+           MODEL_CARD.md, metrics.json and samples.png are written into the same folder
+
+    minidiff train-tiny --out weights/minidiff-shapes            # the committed model
+    minidiff train-tiny --out /tmp/m --quick                     # every stage, very short (< 60 s)
+    minidiff train-tiny --out weights/minidiff-shapes --resume   # continue after an interruption
+
+Resuming: every stage checkpoints its network, optimizer and step counter into the work folder (default
+`<out>.work/`, beside the output, because `minidiff.save` replaces the output folder as a whole) by writing a
+temporary file and renaming it over the old one (os.replace is atomic), at least once a minute and when the stage
+ends. The random batch of step n is drawn from a generator seeded with (seed, stage, n), so a resumed run makes
+the same batches as an uninterrupted one.
+
+Notebooks 10a–10d train smaller versions of each stage in seconds and probe the committed model (zero-shot CLIP,
+a guidance sweep, the held-out pairs).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Two threads on two cores that other processes also use: OpenMP's default spin-waiting makes each thread burn its
+# core waiting for the other, descheduled one at every barrier — measured here, a training step 40x slower. A
+# passive wait (sleep at barriers) removes that. It must be set before torch loads its OpenMP runtime, so it only
+# takes effect when this module is imported first (as `minidiff train-tiny` does).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+STAGES = ("data", "vae", "clip", "latents", "unet", "save")
+
+
+# --------------------------------------------------------------------------------------------------- the recipe
+@dataclass
+class Recipe:
+    """Every number of the training recipe. `Recipe()` is the committed model's, `Recipe.quick()` the smoke test's."""
+    seed: int = 0
+    n_train: int = 20000                 # images in the training set
+    # VAE: 3 levels (32 -> 16 -> 8), so latents are 8×8×4
+    vae_channels: tuple = (16, 32, 64)
+    vae_layers: int = 1
+    vae_groups: int = 8
+    kl_weight: float = 1e-4              # β, against a per-image squared error summed over 3072 numbers
+    vae_steps: int = 600
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    # CLIP: the text tower (its 49,408 × width token table is most of the bytes) and a small ViT
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    image_patch: int = 4
+    image_width: int = 64
+    image_layers: int = 2
+    clip_embed: int = 64
+    clip_steps: int = 300
+    clip_batch: int = 64
+    clip_lr: float = 1e-3
+    # U-Net on 8×8×4 latents: 8 -> 4 -> 2, cross-attention on the two lower levels and the middle
+    unet_channels: tuple = (32, 64, 96)
+    unet_layers: int = 1
+    unet_cross: tuple = (False, True, True)
+    unet_heads: int = 4
+    unet_groups: int = 16
+    unet_steps: int = 3600
+    unet_batch: int = 64
+    unet_lr: float = 8e-4
+    caption_dropout: float = 0.1         # P(caption -> ""): the unconditional model ε_θ(z_t, t, τ("")) for CFG
+    ema_decay: float = 0.999             # 0 = no EMA
+    warmup: int = 100                    # linear LR warm-up steps, then cosine decay to 10%
+    # what the finished model is judged on (minidiff.shapes_eval's protocol)
+    eval_seeds: int = 8
+    eval_steps: int = 20
+
+    def __post_init__(self):
+        for k in ("vae_channels", "unet_channels", "unet_cross"):
+            setattr(self, k, tuple(getattr(self, k)))
+
+    @classmethod
+    def quick(cls) -> "Recipe":
+        """The whole pipeline in well under a minute: tiny data, a few steps per stage. Not a usable model."""
+        return cls(n_train=256, vae_steps=15, vae_batch=16, clip_steps=15, clip_batch=32, unet_steps=20,
+                   unet_batch=16, warmup=5, eval_seeds=1, eval_steps=4)
+
+    def configs(self):
+        """-> (VAEConfig, CLIPTextConfig, CLIPImageConfig, UNetConfig) of the networks this recipe trains."""
+        from .clip import CLIPImageConfig, CLIPTextConfig
+        from .unet import UNetConfig
+        from .vae import VAEConfig
+        vae = VAEConfig(block_out_channels=self.vae_channels, layers_per_block=self.vae_layers, latent_channels=4,
+                        norm_num_groups=self.vae_groups, sample_size=32, scaling_factor=1.0)
+        text = CLIPTextConfig(hidden_size=self.text_width, intermediate_size=4 * self.text_width,
+                              num_hidden_layers=self.text_layers, num_attention_heads=self.text_heads,
+                              projection_dim=self.clip_embed)
+        image = CLIPImageConfig(image_size=32, patch_size=self.image_patch, hidden_size=self.image_width,
+                                intermediate_size=4 * self.image_width, num_hidden_layers=self.image_layers,
+                                num_attention_heads=4)
+        unet = UNetConfig(block_out_channels=self.unet_channels, layers_per_block=self.unet_layers,
+                          cross_attention=self.unet_cross, heads=self.unet_heads, cross_attention_dim=self.text_width,
+                          norm_num_groups=self.unet_groups, sample_size=8)
+        return vae, text, image, unet
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _atomic_save(obj, path: Path):
+    """torch.save to a temporary name, then rename: a crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+def _generator(seed: int, stage: str, step: int) -> torch.Generator:
+    """The random numbers of one training step: a function of (seed, stage, step) only, so resuming repeats them."""
+    salt = sum((i + 1) * ord(ch) for i, ch in enumerate(stage))
+    return torch.Generator().manual_seed(seed * 1_000_003 + salt * 10_007 + step)
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then a cosine from 1 down to 0.1 at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Clock:
+    """Wall-clock and CPU seconds of a stage, carried across resumes. CPU time counts every thread of the process:
+    on a machine shared with other jobs, wall time grows while CPU time stays close to the work actually done."""
+
+    def __init__(self, wall: float = 0.0, cpu: float = 0.0):
+        self.wall0, self.cpu0 = wall, cpu
+        self.t, self.c = time.perf_counter(), time.process_time()
+
+    @property
+    def wall(self):
+        return self.wall0 + time.perf_counter() - self.t
+
+    @property
+    def cpu(self):
+        return self.cpu0 + time.process_time() - self.c
+
+
+def _train(name: str, model: torch.nn.Module, params, steps: int, lr: float, step_fn, work: Path, resume: bool,
+           seed: int, warmup: int, ema=None, save_every: float = 60.0, progress: bool = True) -> dict:
+    """The training loop every stage shares: AdamW, warm-up + cosine LR, gradient clipping at 1, optional EMA
+    (a minidiff.ema.EMA of model's named parameters), atomic checkpoints into work/{name}.pt.
+    step_fn(generator) runs one forward pass -> (loss, {name: float}).
+    Returns the stage record {"step", "wall", "cpu", "last": {...}} (the models are updated in place)."""
+    path = work / f"{name}.pt"
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    state = _load(path) if resume else None
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        step = state["step"]
+    clock = Clock(*(state["wall"], state["cpu"]) if state else (0.0, 0.0))
+    last_save, last = time.perf_counter(), dict(state.get("last", {})) if state else {}
+
+    def checkpoint(done: bool):
+        _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(),
+                      "ema": ema.state_dict() if ema is not None else None, "step": step, "done": done,
+                      "wall": clock.wall, "cpu": clock.cpu, "last": last}, path)
+
+    model.train()
+    bar = tqdm(total=steps, initial=step, desc=name, disable=not progress, dynamic_ncols=True)
+    while step < steps:
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(step, steps, warmup)
+        loss, logs = step_fn(_generator(seed, name, step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if ema is not None:
+            ema.update(dict(model.named_parameters()))
+        step += 1
+        last = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in logs.items()}
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
+        if time.perf_counter() - last_save > save_every and step < steps:
+            checkpoint(False)
+            last_save = time.perf_counter()
+    bar.close()
+    model.eval()
+    checkpoint(True)
+    return {"step": step, "wall": clock.wall, "cpu": clock.cpu, "last": last}
+
+
+def _finish(work: Path, name: str, record: dict, metrics: dict):
+    """Mark a stage done with its metrics (work/{name}.pt keeps the weights, work/{name}.json the numbers)."""
+    state = _load(work / f"{name}.pt")
+    state.update(done=True, metrics=metrics, wall=record["wall"], cpu=record["cpu"])
+    _atomic_save(state, work / f"{name}.pt")
+    tmp = work / f".{name}.json.tmp"
+    tmp.write_text(json.dumps({"metrics": metrics, "wall_s": record["wall"], "cpu_s": record["cpu"],
+                               "steps": record["step"]}, indent=2))
+    os.replace(tmp, work / f"{name}.json")
+
+
+def _done(work: Path, name: str):
+    """The finished stage's state dict, or None when the stage has not completed."""
+    state = _load(work / f"{name}.pt")
+    return state if state is not None and state.get("done") and "metrics" in state else None
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB of images in [0, 1]: 10·log10(1 / MSE), per image. [B, 3, H, W] -> [B]."""
+    mse = ((x - y) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
+# --------------------------------------------------------------------------------------------------- the stages
+def load_training_data(recipe: Recipe, work: Path, data_dir: str | None, log=print):
+    """Stage `data`: the imagefolder (written by make_dataset unless it exists) -> (uint8 [N, 3, 32, 32], captions)."""
+    from .data.shapes import load_dataset, make_dataset
+    folder = Path(data_dir) if data_dir else work / "data"
+    if not (folder / "metadata.jsonl").is_file():
+        t = time.perf_counter()
+        make_dataset(folder, recipe.n_train, seed=recipe.seed)
+        log(f"data: wrote {recipe.n_train} images to {folder} in {time.perf_counter() - t:.1f} s")
+    images, captions = load_dataset(folder)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()    # [N, 32, 32, 3] -> [N, 3, 32, 32] uint8
+    return x, captions
+
+
+def _to_float(x_uint8: torch.Tensor) -> torch.Tensor:
+    return x_uint8.float() / 127.5 - 1.0                             # uint8 0..255 -> [-1, 1]
+
+
+def train_vae(recipe: Recipe, images, work: Path, resume: bool, progress: bool = True):
+    """Stage `vae`: the negative ELBO with a Gaussian decoder, mean_B[ Σ (x − D(z))² + β KL(q(z|x) ‖ N(0, I)) ],
+    z = μ + σε. -> (vae, metrics {"psnr_db": on 512 fresh images of all 18 pairs, ...}).
+
+    Why squared error and not LDM's L1 (AutoencoderKL.loss): L1's gradient is ±1 per number, so a whole shape
+    decoded in the wrong colour pulls no harder than a slightly soft edge. In our runs green — 2 of the 15 pairs —
+    stayed decoded as yellow for 500+ steps with L1 (once for the whole run); with the squared error every colour
+    is right within ~300 steps, and the PSNR after 600 steps went from 25.8 to 33.8 dB."""
+    from .data.shapes import ALL_PAIRS, random_images, to_tensor
+    from .vae import AutoencoderKL
+    cfg = recipe.configs()[0]
+    torch.manual_seed(recipe.seed)
+    vae = AutoencoderKL(cfg)
+    done = _done(work, "vae") if resume else None
+    if done:
+        vae.load_state_dict(done["model"])
+        return vae.eval(), done["metrics"], done
+    N = images.shape[0]
+
+    def step_fn(g):
+        x = _to_float(images[torch.randint(N, (recipe.vae_batch,), generator=g)])   # [B, 3, 32, 32]
+        y, posterior = vae(x, sample_posterior=True, generator=g)                   # decode z = μ + σε
+        rec = ((x - y) ** 2).sum(dim=(1, 2, 3)).mean()                               # Σ (x − D(z))²
+        kl = posterior.kl().mean()
+        return rec + recipe.kl_weight * kl, {"mse": rec / (3 * 32 * 32), "kl": kl}
+
+    rec = _train("vae", vae, list(vae.parameters()), recipe.vae_steps, recipe.vae_lr, step_fn, work, resume,
+                 recipe.seed, recipe.warmup, progress=progress)
+    fresh, _ = random_images(512, seed=recipe.seed + 101, pairs=ALL_PAIRS)   # never-seen images, held-out pairs too
+    x = to_tensor(fresh)
+    with torch.no_grad():
+        post = vae.encode(x)
+        y = vae.decode(post.mode())
+    p = psnr((y / 2 + 0.5).clamp(0, 1), x / 2 + 0.5)
+    metrics = {"psnr_db": float(p.mean()), "psnr_db_min": float(p.min()),
+               "latent_std": float(post.mean.std()), "posterior_sigma_mean": float(post.std.mean()),
+               "params": sum(q.numel() for q in vae.parameters())}
+    _finish(work, "vae", rec, metrics)
+    return vae, metrics, _done(work, "vae")
+
+
+def multi_positive_infonce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE when captions repeat. logits [B, B] (texts × images), labels [B] caption ids -> scalar.
+
+    With only 15 distinct captions a batch of 64 holds several copies of each, and CLIP's one-hot targets
+    (minidiff.clip.clip_loss: the diagonal) would push apart an image and an identical caption of another row.
+    Instead every pair with the same caption is a positive and the target row is spread evenly over them:
+        target[i, j] = [y_i = y_j] / Σ_k [y_i = y_k],   loss = ½ (CE(logits, target) + CE(logitsᵀ, target))
+    (the supervised-contrastive reading of Khosla et al. 2020). With all captions distinct this IS clip_loss."""
+    same = (labels[:, None] == labels[None, :]).float()             # [B, B]
+    target = same / same.sum(dim=1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def clip_zero_shot(model, tokenizer, n_per_pair: int = 30, seed: int = 202) -> dict:
+    """Zero-shot classification of fresh images among the 18 prompts "a {colour} {shape}" (CLIP §3.1.2); colour and
+    shape accuracy read off the chosen prompt, for the trained and the held-out pairs separately."""
+    from .clip import zero_shot_classify
+    from .data.shapes import ALL_PAIRS, HELD_OUT, caption, render_specs, sample_specs, to_tensor
+    prompts = [caption(c, s) for c, s in ALL_PAIRS]
+    out = {}
+    for split, pairs in (("trained", [p for p in ALL_PAIRS if p not in HELD_OUT]), ("held_out", list(HELD_OUT))):
+        specs = [s for i, p in enumerate(pairs) for s in sample_specs(n_per_pair, seed + i, pairs=(p,))]
+        probs = zero_shot_classify(model, tokenizer, to_tensor(render_specs(specs)), prompts)  # [n, 18]
+        pred = [ALL_PAIRS[k] for k in probs.argmax(dim=1).tolist()]
+        out[f"{split}_colour_acc"] = float(np.mean([p[0] == s["colour"] for p, s in zip(pred, specs)]))
+        out[f"{split}_shape_acc"] = float(np.mean([p[1] == s["shape"] for p, s in zip(pred, specs)]))
+        out[f"{split}_pair_acc"] = float(np.mean([p == (s["colour"], s["shape"]) for p, s in zip(pred, specs)]))
+    return out
+
+
+def train_clip(recipe: Recipe, images, captions, tokenizer, work: Path, resume: bool, progress: bool = True):
+    """Stage `clip`: both towers from scratch with the (multi-positive) InfoNCE loss and a learned temperature
+    exp(logit_scale), clipped at 100 as in CLIP §2.5. -> (CLIPModel, metrics)."""
+    from .clip import CLIPModel
+    _, text_cfg, image_cfg, _ = recipe.configs()
+    torch.manual_seed(recipe.seed + 1)
+    model = CLIPModel(text_cfg, image_cfg, embed_dim=recipe.clip_embed)
+    done = _done(work, "clip") if resume else None
+    if done:
+        model.load_state_dict(done["model"])
+        return model.eval(), done["metrics"], done
+    unique = sorted(set(captions))
+    ids = tokenizer(unique)                                          # [U, 77]: every distinct caption, once
+    label = torch.tensor([unique.index(c) for c in captions])       # [N] caption id of each image
+    N = images.shape[0]
+
+    def step_fn(g):
+        idx = torch.randint(N, (recipe.clip_batch,), generator=g)
+        t = model.encode_text(ids)[label[idx]]                       # [U, e] -> [B, e] unit vectors
+        v = model.encode_image(_to_float(images[idx]))               # [B, e]
+        logits = model.logit_scale.exp() * t @ v.t()                 # [B, B] texts × images
+        loss = multi_positive_infonce(logits, label[idx])
+        model.logit_scale.data.clamp_(max=math.log(100))
+        return loss, {"loss": loss, "T": model.logit_scale.exp()}
+
+    rec = _train("clip", model, list(model.parameters()), recipe.clip_steps, recipe.clip_lr, step_fn, work, resume,
+                 recipe.seed, recipe.warmup, progress=progress)
+    model.logit_scale.data.clamp_(max=math.log(100))
+    metrics = clip_zero_shot(model, tokenizer)
+    metrics["logit_scale_exp"] = float(model.logit_scale.detach().exp())
+    metrics["text_params"] = sum(q.numel() for q in model.text_model.parameters())
+    _finish(work, "clip", rec, metrics)
+    return model, metrics, _done(work, "clip")
+
+
+@torch.no_grad()
+def encode_latents(vae, images, work: Path, resume: bool, batch: int = 500):
+    """Stage `latents`: the frozen VAE's posterior of every training image, and scaling_factor = 1 / std(z), z ~ q(z|x)
+    (SD's 0.18215 was found the same way, Rombach et al. 2022 §4.3.2) so that the U-Net sees unit-variance latents.
+    -> {"mean", "std": [N, 4, 8, 8], "scaling_factor": float}."""
+    path = work / "latents.pt"
+    if resume and path.is_file():
+        return _load(path)
+    t, c = time.perf_counter(), time.process_time()
+    means, stds = [], []
+    for i in range(0, images.shape[0], batch):
+        post = vae.encode(_to_float(images[i:i + batch]))
+        means.append(post.mean)
+        stds.append(post.std)
+    mean, std = torch.cat(means), torch.cat(stds)                   # [N, 4, 8, 8] each
+    z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    out = {"mean": mean, "std": std, "scaling_factor": float(1.0 / z.std()),
+           "wall": time.perf_counter() - t, "cpu": time.process_time() - c}
+    _atomic_save(out, path)
+    return out
+
+
+def train_unet(recipe: Recipe, latents: dict, captions, text_encoder, tokenizer, work: Path, resume: bool,
+               progress: bool = True):
+    """Stage `unet`: ε-prediction on the SD v1 noise schedule (scaled_linear β 0.00085 -> 0.012, T = 1000):
+
+        z_0 = scaling_factor · (μ + σ ε'),  t ~ U{0..999},  z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε,  loss = ‖ε − ε_θ(z_t, t, c)‖²
+
+    c = the frozen text tower's last hidden state [B, 77, d] of the caption, or of "" for 10% of the batch.
+    -> (the U-Net to ship: the EMA weights when ema_decay > 0, metrics)."""
+    from .ema import EMA
+    from .pipeline import SD_V1_SCHEDULER
+    from .schedulers import make_scheduler
+    from .unet import UNet
+    unet_cfg = recipe.configs()[3]
+    torch.manual_seed(recipe.seed + 2)
+    unet = UNet(unet_cfg)
+    ema = EMA(dict(unet.named_parameters()), decay=recipe.ema_decay) if recipe.ema_decay > 0 else None
+
+    def shipped():  # the weights to ship: the EMA average, in a copy of the U-Net
+        if ema is None:
+            return unet.eval()
+        out = copy.deepcopy(unet).eval()
+        ema.copy_to(dict(out.named_parameters()))
+        return out
+
+    done = _done(work, "unet") if resume else None
+    if done:
+        unet.load_state_dict(done["model"])
+        if ema is not None:
+            ema.load_state_dict(done["ema"])
+        return shipped(), done["metrics"], done
+    sched = make_scheduler("ddpm", SD_V1_SCHEDULER)
+    unique = sorted(set(captions))
+    with torch.no_grad():                                           # frozen: one context per distinct caption
+        context = text_encoder(tokenizer(unique + [""]))           # [U + 1, 77, d]; the last row is ""
+    empty = len(unique)
+    label = torch.tensor([unique.index(c) for c in captions])      # [N]
+    mean, std, scale = latents["mean"], latents["std"], latents["scaling_factor"]
+    N, T = mean.shape[0], sched.num_train_timesteps
+
+    def step_fn(g):
+        B = recipe.unet_batch
+        idx = torch.randint(N, (B,), generator=g)
+        z0 = scale * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g))   # [B, 4, 8, 8]
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(T, (B,), generator=g)
+        zt = sched.add_noise(z0, noise, t)
+        drop = torch.rand(B, generator=g) < recipe.caption_dropout
+        c = torch.where(drop, torch.full_like(label[idx], empty), label[idx])
+        loss = F.mse_loss(unet(zt, t, context[c]), noise)
+        return loss, {"loss": loss}
+
+    rec = _train("unet", unet, list(unet.parameters()), recipe.unet_steps, recipe.unet_lr, step_fn, work, resume,
+                 recipe.seed, recipe.warmup, ema=ema, progress=progress)
+    metrics = {"final_loss": rec["last"].get("loss"), "params": sum(q.numel() for q in unet.parameters()),
+               "ema": recipe.ema_decay > 0}
+    _finish(work, "unet", rec, metrics)
+    return shipped(), metrics, _done(work, "unet")
+
+
+# --------------------------------------------------------------------------------------------------- everything
+def train(out, recipe: Recipe | None = None, work=None, data=None, resume: bool = False, stop_after: str | None = None,
+          progress: bool = True, evaluate: bool = True, command: str | None = None, log=print) -> dict:
+    """Run the recipe into `out` (a diffusers folder + MODEL_CARD.md + metrics.json + samples.png).
+    -> the report dict (metrics and seconds per stage). stop_after: a stage name, to stop early (resume later)."""
+    from .clip import CLIPTextTransformer
+    from .pipeline import SD_V1_SCHEDULER, StableDiffusion
+    from .tokenizer import CLIPTokenizer
+    from .checkpoint import save
+    recipe = recipe or Recipe()
+    out = Path(out)
+    work = Path(work) if work else out.with_name(out.name + ".work")
+    if not resume and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+    report = {"recipe": dataclasses.asdict(recipe), "stages": {}}
+    times = report["stages"]
+    total = Clock()
+
+    t = Clock()
+    images, captions = load_training_data(recipe, work, data, log)
+    times["data"] = {"wall_s": t.wall, "cpu_s": t.cpu, "n": len(captions)}
+    if stop_after == "data":
+        return report
+    tokenizer = CLIPTokenizer()
+
+    vae, m, st = train_vae(recipe, images, work, resume, progress)
+    times["vae"] = {"wall_s": st["wall"], "cpu_s": st["cpu"], "steps": st["step"], "metrics": m}
+    log(f"vae: PSNR {m['psnr_db']:.2f} dB on fresh images ({st['wall']:.0f} s wall, {st['cpu']:.0f} s CPU)")
+    if stop_after == "vae":
+        return report
+
+    clip, m, st = train_clip(recipe, images, captions, tokenizer, work, resume, progress)
+    times["clip"] = {"wall_s": st["wall"], "cpu_s": st["cpu"], "steps": st["step"], "metrics": m}
+    log(f"clip: zero-shot colour {m['trained_colour_acc']:.3f} / shape {m['trained_shape_acc']:.3f} (trained pairs), "
+        f"colour {m['held_out_colour_acc']:.3f} / shape {m['held_out_shape_acc']:.3f} (held-out pairs) "
+        f"({st['wall']:.0f} s wall, {st['cpu']:.0f} s CPU)")
+    if stop_after == "clip":
+        return report
+
+    lat = encode_latents(vae, images, work, resume)
+    vae.config.scaling_factor = lat["scaling_factor"]
+    times["latents"] = {"wall_s": lat["wall"], "cpu_s": lat["cpu"], "scaling_factor": lat["scaling_factor"]}
+    log(f"latents: scaling_factor = {lat['scaling_factor']:.4f}")
+    if stop_after == "latents":
+        return report
+
+    text_encoder = CLIPTextTransformer(clip.text_model.config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    text_encoder.eval().requires_grad_(False)
+    unet, m, st = train_unet(recipe, lat, captions, text_encoder, tokenizer, work, resume, progress)
+    times["unet"] = {"wall_s": st["wall"], "cpu_s": st["cpu"], "steps": st["step"], "metrics": m}
+    log(f"unet: final loss {m['final_loss']:.4f} ({st['wall']:.0f} s wall, {st['cpu']:.0f} s CPU)")
+    if stop_after == "unet":
+        return report
+
+    t = Clock()
+    # SD v1's noise schedule, but DDIM as the model's own sampler: PLMS (SD's PNDM) extrapolates from the last four
+    # ε predictions, and this small U-Net's guided predictions at 7.5 swing too much for that (colours flip).
+    pipe = StableDiffusion(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
+                           scheduler_config=dict(SD_V1_SCHEDULER, _class_name="DDIMScheduler"))
+    save(pipe, out, format="diffusers")
+    times["save"] = {"wall_s": t.wall, "cpu_s": t.cpu}
+    report["train_wall_s"] = sum(s["wall_s"] for s in times.values())
+    report["train_cpu_s"] = sum(s["cpu_s"] for s in times.values())
+    report["sizes"] = folder_sizes(out)
+    report["command"] = command or f"minidiff train-tiny --out {out}"
+    if evaluate:
+        from .checkpoint import load
+        from .shapes_eval import evaluate as run_eval, format_report, save_grid
+        t = Clock()
+        r = run_eval(load(out), seeds=tuple(range(recipe.eval_seeds)), steps=recipe.eval_steps)
+        times["eval"] = {"wall_s": t.wall, "cpu_s": t.cpu}
+        save_grid(r["images"], out / "samples.png", ncol=recipe.eval_seeds)
+        report["eval"] = {k: v for k, v in r.items() if k not in ("images", "judgements")}
+        log(format_report(r))
+    report["total_wall_s"] = total.wall
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_model_card(out, report)
+    report["sizes"] = folder_sizes(out)
+    log(f"saved {out} ({report['sizes']['total_bytes'] / 1e6:.1f} MB); stage times (wall / CPU s): " +
+        ", ".join(f"{k} {v['wall_s']:.0f}/{v['cpu_s']:.0f}" for k, v in times.items()))
+    return report
+
+
+def folder_sizes(folder) -> dict:
+    folder = Path(folder)
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {"total_bytes": sum(files.values()), "files": files}
+
+
+def write_model_card(out: Path, report: dict):
+    """MODEL_CARD.md in the model folder: data, recipe, metrics, stage times, sizes, the reproduce command."""
+    from .data.shapes import HELD_OUT, caption
+    r, st = report["recipe"], report["stages"]
+    held = ", ".join(caption(*p) for p in HELD_OUT)
+    mv, mc = st["vae"]["metrics"], st["clip"]["metrics"]
+    weights = {k: v for k, v in report["sizes"]["files"].items() if k.endswith(".safetensors")}
+    lines = [
+        "# minidiff-shapes — a tiny text-to-image model trained from scratch on a CPU", "",
+        "minidiff's embedded default model (`minidiff.load()` with no path, `minidiff generate \"a red circle\"`): "
+        "the Stable Diffusion v1 architecture — KL autoencoder, CLIP text transformer with the real 49,408-token "
+        "CLIP vocabulary, cross-attention U-Net, SD v1 noise schedule — shrunk to draw 32×32 images of one coloured "
+        "shape. It is a teaching model: it knows 6 colours and 3 shapes and nothing else.", "",
+        "## Data", "",
+        f"{r['n_train']:,} images rendered by `minidiff.data.shapes.make_dataset(dir, n={r['n_train']}, "
+        f"seed={r['seed']})` (imagefolder + metadata.jsonl): 32×32 RGB, white background, one filled circle, "
+        "square or upright triangle, bounding box 12–24 px anywhere inside the canvas, anti-aliased (4×4 "
+        "supersampling). Colours red, green, blue, yellow, purple, orange. Caption exactly `a {colour} {shape}`. "
+        f"Three pairs never appear in training (held out): {held}.", "",
+        "## Recipe (`minidiff.tiny.Recipe`)", "",
+        "| stage | network | parameters | training |", "|---|---|---|---|",
+        f"| vae | AutoencoderKL, channels {list(r['vae_channels'])}, {r['vae_layers']} ResnetBlock/level, "
+        f"latents 8×8×4 | {mv['params']:,} | {r['vae_steps']} steps × batch {r['vae_batch']}, AdamW lr "
+        f"{r['vae_lr']}, loss Σ(x−D(z))² + {r['kl_weight']}·KL, z = μ + σε |",
+        f"| clip | text: width {r['text_width']}, {r['text_layers']} layers, {r['text_heads']} heads; image: ViT "
+        f"patch {r['image_patch']}, width {r['image_width']}, {r['image_layers']} layers; embed {r['clip_embed']} "
+        f"| text tower {mc['text_params']:,} (of which 49,408×{r['text_width']} token table) | "
+        f"{r['clip_steps']} steps × batch {r['clip_batch']}, AdamW lr {r['clip_lr']}, symmetric InfoNCE "
+        f"(same-caption pairs are all positives), learned temperature clipped at 100 |",
+        f"| unet | U-Net channels {list(r['unet_channels'])}, {r['unet_layers']} ResnetBlock/level, "
+        f"cross-attention {list(r['unet_cross'])}, {r['unet_heads']} heads, context width {r['text_width']} | "
+        f"{st['unet']['metrics']['params']:,} | {r['unet_steps']} steps × batch {r['unet_batch']}, AdamW lr "
+        f"{r['unet_lr']}, ε-prediction MSE, SD v1 schedule (scaled_linear 0.00085→0.012, 1000 steps), "
+        f"{int(100 * r['caption_dropout'])}% captions → \"\", EMA {r['ema_decay']} |", "",
+        f"All stages: linear warm-up ({r['warmup']} steps), cosine decay to 10%, gradient clipping at 1, seed "
+        f"{r['seed']}. The VAE and text tower are frozen for the U-Net. Latents are z·{st['latents']['scaling_factor']:.4f} "
+        "(`vae/config.json` scaling_factor = 1/std of the training latents).", "",
+        "## Metrics", "",
+        f"- VAE reconstruction on 512 fresh images (all 18 pairs): PSNR {mv['psnr_db']:.2f} dB "
+        f"(worst image {mv['psnr_db_min']:.2f} dB).",
+        f"- CLIP zero-shot (18 prompts `a {{colour}} {{shape}}`, 30 fresh images per pair): trained pairs colour "
+        f"{100 * mc['trained_colour_acc']:.1f}%, shape {100 * mc['trained_shape_acc']:.1f}%, both "
+        f"{100 * mc['trained_pair_acc']:.1f}%; held-out pairs colour {100 * mc['held_out_colour_acc']:.1f}%, shape "
+        f"{100 * mc['held_out_shape_acc']:.1f}%, both {100 * mc['held_out_pair_acc']:.1f}%; "
+        f"learned temperature exp(logit_scale) = {mc['logit_scale_exp']:.1f}.",
+    ]
+    if "eval" in report:
+        e, s = report["eval"], report["eval"]["settings"]
+        lines += [
+            f"- Text-to-image, judged by the pixel detector `minidiff.shapes_eval` (foreground far from white; colour "
+            f"= palette colour nearest the foreground median; shape = fill ratio of the largest blob's bounding box): "
+            f"{s['n_images']} images = 18 prompts × seeds {s['seeds'][0]}–{s['seeds'][-1]}, {s['scheduler']} "
+            f"{s['steps']} steps, guidance {s['guidance_scale']}:",
+            f"  - **trained pairs: {100 * e['trained']:.1f}%** correct (asked colour AND shape; target ≥ 90%)",
+            f"  - **held-out pairs: {100 * e['held_out']:.1f}%** correct (target ≥ 60%)",
+            f"  - colour right {100 * e['colour']:.1f}%, shape right {100 * e['shape']:.1f}%, one clean shape "
+            f"{100 * e['clean']:.1f}%", "",
+            "| prompt | correct |", "|---|---|"]
+        heldc = {caption(*p) for p in HELD_OUT}
+        lines += [f"| {p}{' (held out)' if p in heldc else ''} | {100 * a:.0f}% |" for p, a in e["per_pair"].items()]
+        lines += ["", "`samples.png`: the evaluated images, one row per prompt in the table's order, one column per seed."]
+    lines += ["", "## Stage times", "",
+              "Measured on the development machine: 2 CPU cores shared with other jobs, torch threads = 2. CPU seconds "
+              "count both threads; wall seconds include waiting for the shared cores.", "",
+              "| stage | wall s | CPU s |", "|---|---|---|"]
+    lines += [f"| {k} | {v['wall_s']:.0f} | {v['cpu_s']:.0f} |" for k, v in st.items()]
+    lines += [f"| **training total (data → save)** | **{report['train_wall_s']:.0f}** | **{report['train_cpu_s']:.0f}** |",
+              "", "## Files", "", "| file | bytes |", "|---|---|"]
+    lines += [f"| {k} | {v:,} |" for k, v in weights.items()]
+    lines += [f"| whole folder (weights, configs, tokenizer, card, samples) | ≈ {report['sizes']['total_bytes'] / 1e6:.1f} MB |",
+              "", "## Reproduce", "", "```", report["command"], "python -m minidiff.shapes_eval", "```", "",
+              "Same code and seed give the same batches (the batch of step n is drawn from a generator seeded by "
+              "(seed, stage, n)); bit-for-bit equality of the weights across machines is not promised (float "
+              "summation order differs between CPUs and thread counts). `--resume` continues an interrupted run from "
+              "the work folder `<out>.work/`.", ""]
+    (out / "MODEL_CARD.md").write_text("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------------- the command
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="weights/minidiff-shapes", help="output diffusers folder")
+    p.add_argument("--resume", action="store_true", help="continue from the work folder instead of starting over")
+    p.add_argument("--data", default=None,
+                   help="imagefolder to train on (written there with make_dataset if it has no metadata.jsonl; "
+                        "default: <work>/data)")
+    p.add_argument("--quick", action="store_true", help="a very short run of every stage (smoke test, < 60 s)")
+    p.add_argument("--work", default=None, help="work folder for checkpoints (default: <out>.work beside --out)")
+    p.add_argument("--stop-after", default=None, choices=STAGES[:-1], help="stop after this stage (resume later)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--no-eval", action="store_true", help="skip the text-to-image evaluation at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    torch.set_num_threads(args.threads)
+    recipe = Recipe.quick() if args.quick else Recipe()
+    command = "minidiff train-tiny " + " ".join(
+        [f"--out {args.out}"] + (["--quick"] if args.quick else []) + ([f"--data {args.data}"] if args.data else []))
+    train(args.out, recipe, work=args.work, data=args.data, resume=args.resume, stop_after=args.stop_after,
+          progress=not args.no_progress, evaluate=not args.no_eval, command=command)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m minidiff.tiny", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
