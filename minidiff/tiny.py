@@ -575,7 +575,10 @@ def write_model_card(out: Path, report: dict):
         f"{int(100 * r['caption_dropout'])}% captions → \"\", EMA {r['ema_decay']} |", "",
         f"All stages: linear warm-up ({r['warmup']} steps), cosine decay to 10%, gradient clipping at 1, seed "
         f"{r['seed']}. The VAE and text tower are frozen for the U-Net. Latents are z·{st['latents']['scaling_factor']:.4f} "
-        "(`vae/config.json` scaling_factor = 1/std of the training latents).", "",
+        "(`vae/config.json` scaling_factor = 1/std of the training latents). The model's own sampler "
+        "(`scheduler/scheduler_config.json`) is DDIM on the SD v1 schedule: PLMS (SD v1.4's PNDM) extrapolates from "
+        "the last four ε predictions, and this small U-Net's guided predictions swing too much for that at guidance 7.5.",
+        "",
         "## Metrics", "",
         f"- VAE reconstruction on 512 fresh images (all 18 pairs): PSNR {mv['psnr_db']:.2f} dB "
         f"(worst image {mv['psnr_db_min']:.2f} dB).",
