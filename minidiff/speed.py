@@ -18,7 +18,10 @@ So `optimize(pipe)` (what `StableDiffusion.generate` applies by default) does, w
   2. fused QKV for self-attention: one [3C, C] matmul instead of three [C, C] ones (and K, V of a cross-attention
      in one [2C, d] matmul); the concatenated weight is cached and rebuilt when a weight changes (its version counter);
   3. channels-last (NHWC) activations for every convolution, the layout oneDNN's kernels are written for; it also
-     makes the U-Net's pixels-as-tokens reshape ([B, C, H, W] -> [B, HW, C]) a free view instead of a copy.
+     makes the U-Net's pixels-as-tokens reshape ([B, C, H, W] -> [B, HW, C]) a free view instead of a copy;
+  4. convolution weights handed to oneDNN already reordered into its blocked layout (cached per input shape): F.conv2d
+     reorders them on every call, which for the 1280-channel convolutions at 16×16 and 8×8 costs about as much as
+     the convolution itself.
 
 `compile_pipeline(pipe)` runs torch.compile on top (inductor fuses GroupNorm+SiLU and the other elementwise chains;
 on CUDA it also captures CUDA graphs). The memory savers trade time for memory: attention in query slices, VAE decoding
@@ -97,6 +100,33 @@ class FastLinear(nn.Linear):
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)
+
+
+class FastConv2d(nn.Conv2d):
+    """nn.Conv2d whose weight is handed to oneDNN already in its blocked layout, on the CPU at inference.
+
+    F.conv2d reorders the weight into oneDNN's blocked format on every call; for the 1280-channel convolutions of the
+    U-Net's low resolutions that reorder costs as much as the convolution itself (the weights are big, the images
+    small). The reordered copy is cached per input shape, and rebuilt when the weight changes (its version counter)."""
+
+    def forward(self, x):
+        w = self.weight
+        if (not _HAS_ONEDNN or torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != w.dtype
+                or x.dtype not in (torch.float32, torch.bfloat16) or self.padding_mode != "zeros"
+                or isinstance(self.padding, str) or x.dim() != 4
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            return super().forward(x)
+        geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        key = (w.data_ptr(), w._version, w.dtype, tuple(x.shape))
+        cache = self.__dict__.get("_packed")
+        if cache is None or cache[0] != key:   # one shape at a time: a new resolution repacks
+            packed = torch.ops.mkldnn._reorder_convolution_weight(w, *geometry, list(x.shape))
+            cache = self.__dict__["_packed"] = (key, packed)
+        return torch.ops.mkldnn._convolution_pointwise(x, cache[1], self.bias, *geometry, "none", [], "")
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), ...: drop the packed copy
+        self.__dict__.pop("_packed", None)
+        return super()._apply(fn, recurse)
 
 
 class FastCrossAttention(CrossAttention):
@@ -198,7 +228,7 @@ class FastUNet(UNet):
         return super().forward(latents, t, context).contiguous()
 
 
-_FAST = {nn.Linear: FastLinear, CrossAttention: FastCrossAttention, FeedForward: FastFeedForward,
+_FAST = {nn.Linear: FastLinear, nn.Conv2d: FastConv2d, CrossAttention: FastCrossAttention, FeedForward: FastFeedForward,
          TransformerBlock: FastTransformerBlock, SpatialTransformer: FastSpatialTransformer, UNet: FastUNet}
 _REFERENCE = {fast: ref for ref, fast in _FAST.items()}
 
@@ -236,6 +266,7 @@ def restore(pipe_or_model):
             if ref is not None:
                 m.__class__ = ref
                 m.__dict__.pop("_fused_cache", None)
+                m.__dict__.pop("_packed", None)
                 m.__dict__.pop("fuse_qkv", None)
         model.to(memory_format=torch.contiguous_format)
         model.__dict__.pop("_minidiff_optimized", None)
@@ -461,5 +492,5 @@ def _proc_status(field: str):
 __all__ = ["optimize", "restore", "is_optimized", "channels_last", "compile_options", "compile_pipeline", "linear",
            "enable_attention_slicing", "disable_attention_slicing", "enable_vae_tiling", "disable_vae_tiling",
            "tiled_decode", "enable_model_offload", "disable_model_offload", "PeakMemory",
-           "FastLinear", "FastCrossAttention", "FastFeedForward", "FastTransformerBlock", "FastSpatialTransformer",
+           "FastLinear", "FastConv2d", "FastCrossAttention", "FastFeedForward", "FastTransformerBlock", "FastSpatialTransformer",
            "FastUNet"]

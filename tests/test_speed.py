@@ -135,6 +135,33 @@ def test_fused_qkv_cache_follows_weight_changes():
         torch.testing.assert_close(fast(x.double()), attn.double()(x.double()), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("geometry", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
+                                      dict(kernel_size=1)], ids=["3x3", "3x3-stride2", "1x1"])
+def test_conv_with_packed_weight_equals_conv2d(dtype, tol, geometry):
+    """FastConv2d (weight reordered for oneDNN once, cached) == nn.Conv2d, across shapes, weight updates and .to()."""
+    conv = jitter(torch.nn.Conv2d(8, 16, **geometry)).to(dtype)
+    fast = speed.optimize(copy.deepcopy(conv), channels_last=False)
+    assert type(fast) is speed.FastConv2d
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for shape in [(2, 8, 12, 12), (1, 8, 7, 9), (2, 8, 12, 12)]:             # a new shape repacks
+            x = torch.randn(shape, generator=g).to(dtype)
+            assert rel(fast(x), conv(x)) < tol
+            assert rel(fast(x.to(memory_format=torch.channels_last)), conv(x)) < tol
+        for m in (conv, fast):                                                   # in place, as an optimizer step
+            m.weight.mul_(-0.5)
+        assert rel(fast(x), conv(x)) < tol
+        fast.to(torch.float64)                                                   # drops the packed copy
+        assert "_packed" not in fast.__dict__
+        assert rel(fast(x.double()), copy.deepcopy(conv).double()(x.double())) < 1e-12
+    fast, conv = fast.to(dtype).requires_grad_(True), conv.requires_grad_(True)  # training: the plain conv, same grads
+    x = torch.randn(2, 8, 6, 6, generator=g).to(dtype)
+    fast(x).square().sum().backward()
+    conv(x).square().sum().backward()
+    assert rel(fast.weight.grad, conv.weight.grad) < tol
+
+
 def test_fused_qkv_cross_attention_and_training_gradients():
     """Self- and cross-attention in a TransformerBlock; with autograd on, the gradients equal the reference's."""
     block = jitter(TransformerBlock(16, heads=2, dim_head=8, context_dim=12)).requires_grad_(True)
