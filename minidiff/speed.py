@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import re
 import types
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -102,30 +103,68 @@ class FastLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+_CONVS: dict[int, weakref.ref] = {}   # id -> FastConv2d, for the compiled path's custom op
+
+
+def _layout(x):
+    """The memory format oneDNN gives the output of a convolution of x (channels-last in, channels-last out)."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+@torch.library.custom_op("minidiff::packed_conv2d", mutates_args=())
+def _packed_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_id: int) -> torch.Tensor:
+    """FastConv2d's packed-weight convolution as one opaque call for torch.compile (inductor would otherwise lower
+    the convolution itself and reorder the weight on every call). conv_id names the module that holds the cache."""
+    return _CONVS[conv_id]()._packed(x).contiguous(memory_format=_layout(x))
+
+
+@_packed_conv2d.register_fake
+def _(x, weight, bias, conv_id):
+    conv = _CONVS[conv_id]()
+    out = [x.shape[0], weight.shape[0]]
+    for i, n in enumerate(x.shape[2:]):   # (n + 2p − d·(k − 1) − 1) // s + 1
+        k, p, d, s = weight.shape[2 + i], conv.padding[i], conv.dilation[i], conv.stride[i]
+        out.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
+    return x.new_empty(out).contiguous(memory_format=_layout(x))
+
+
 class FastConv2d(nn.Conv2d):
     """nn.Conv2d whose weight is handed to oneDNN already in its blocked layout, on the CPU at inference.
 
     F.conv2d reorders the weight into oneDNN's blocked format on every call; for the 1280-channel convolutions of the
     U-Net's low resolutions that reorder costs as much as the convolution itself (the weights are big, the images
-    small). The reordered copy is cached per input shape, and rebuilt when the weight changes (its version counter)."""
+    small). The reordered copy is cached per input shape and rebuilt when the weight changes (its version counter).
+    The price: a second copy of the convolution weights in memory (`optimize(..., pack_conv_weights=False)` opts out).
+    """
+
+    pack = True
 
     def forward(self, x):
         w = self.weight
-        if (not _HAS_ONEDNN or torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != w.dtype
+        if (not self.pack or not _HAS_ONEDNN or x.device.type != "cpu" or x.dtype != w.dtype
                 or x.dtype not in (torch.float32, torch.bfloat16) or self.padding_mode != "zeros"
                 or isinstance(self.padding, str) or x.dim() != 4
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return super().forward(x)
+        if torch.compiler.is_compiling():
+            if id(self) not in _CONVS:
+                raise RuntimeError("FastConv2d: run the module once eagerly or through speed.optimize before compiling")
+            return _packed_conv2d(x, w, self.bias, id(self))
+        return self._packed(x)
+
+    def _packed(self, x):
+        w = self.weight
         geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         key = (w.data_ptr(), w._version, w.dtype, tuple(x.shape))
-        cache = self.__dict__.get("_packed")
-        if cache is None or cache[0] != key:   # one shape at a time: a new resolution repacks
+        cache = self.__dict__.get("_packed_weight")
+        if cache is None or cache[0] != key:   # one input shape at a time: a new resolution repacks
             packed = torch.ops.mkldnn._reorder_convolution_weight(w, *geometry, list(x.shape))
-            cache = self.__dict__["_packed"] = (key, packed)
+            cache = self.__dict__["_packed_weight"] = (key, packed)
         return torch.ops.mkldnn._convolution_pointwise(x, cache[1], self.bias, *geometry, "none", [], "")
 
     def _apply(self, fn, recurse=True):  # .to(), .half(), ...: drop the packed copy
-        self.__dict__.pop("_packed", None)
+        self.__dict__.pop("_packed_weight", None)
         return super()._apply(fn, recurse)
 
 
@@ -240,9 +279,10 @@ def _models(obj) -> list[nn.Module]:
             if m is not None]
 
 
-def optimize(pipe_or_model, channels_last: bool = True, fuse_qkv: bool = True):
+def optimize(pipe_or_model, channels_last: bool = True, fuse_qkv: bool = True, pack_conv_weights: bool = True):
     """The fast inference path, in place: swap the modules for their Fast* twins (same parameters and names; a
     class swap, so state_dict, save() and training are untouched) and put conv weights in channels-last.
+    pack_conv_weights=False: no cached oneDNN copy of the convolution weights (saves that memory, costs speed).
 
     Works on a StableDiffusion (text encoder, U-Net, VAE) or on one nn.Module. Idempotent. Returns its argument."""
     for model in _models(pipe_or_model):
@@ -252,6 +292,10 @@ def optimize(pipe_or_model, channels_last: bool = True, fuse_qkv: bool = True):
                 m.__class__ = fast
             if isinstance(m, FastCrossAttention):
                 m.fuse_qkv = fuse_qkv
+            if isinstance(m, FastConv2d):
+                m.pack = pack_conv_weights
+                _CONVS[id(m)] = weakref.ref(m)
+                weakref.finalize(m, _CONVS.pop, id(m), None)
         if channels_last:
             model.to(memory_format=torch.channels_last)
         model._minidiff_optimized = True
@@ -266,7 +310,8 @@ def restore(pipe_or_model):
             if ref is not None:
                 m.__class__ = ref
                 m.__dict__.pop("_fused_cache", None)
-                m.__dict__.pop("_packed", None)
+                m.__dict__.pop("_packed_weight", None)
+                m.__dict__.pop("pack", None)
                 m.__dict__.pop("fuse_qkv", None)
         model.to(memory_format=torch.contiguous_format)
         model.__dict__.pop("_minidiff_optimized", None)

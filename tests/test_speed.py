@@ -152,8 +152,9 @@ def test_conv_with_packed_weight_equals_conv2d(dtype, tol, geometry):
         for m in (conv, fast):                                                   # in place, as an optimizer step
             m.weight.mul_(-0.5)
         assert rel(fast(x), conv(x)) < tol
+        assert "_packed_weight" in fast.__dict__
         fast.to(torch.float64)                                                   # drops the packed copy
-        assert "_packed" not in fast.__dict__
+        assert "_packed_weight" not in fast.__dict__
         assert rel(fast(x.double()), copy.deepcopy(conv).double()(x.double())) < 1e-12
     fast, conv = fast.to(dtype).requires_grad_(True), conv.requires_grad_(True)  # training: the plain conv, same grads
     x = torch.randn(2, 8, 6, 6, generator=g).to(dtype)
