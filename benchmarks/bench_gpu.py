@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import tempfile
 import time
 import traceback
@@ -41,6 +42,10 @@ import torch  # noqa: E402  (after _common put the repo on sys.path)
 import bench_train  # noqa: E402
 import minidiff  # noqa: E402
 from minidiff import speed  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tests"))
+# the published SD v1.4 configs and the toy ones, in one place: the tests' random-weight fixtures
+from sd_fixtures import SD14_TEXT, SD14_UNET, SD14_VAE, TINY_TEXT, TINY_UNET, TINY_VAE  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SEED = 0
@@ -58,32 +63,11 @@ TARGET_PEAK_GIB = bench_train.TARGET_PEAK_GIB
 NOT_MEASURED = "not measured yet"
 COMMAND = "python benchmarks/bench_gpu.py"
 
-# the published configs of CompVis/stable-diffusion-v1-4 (as in tests/test_full_size.py)
-SD14_UNET = {"act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
-             "center_input_sample": False, "cross_attention_dim": 768,
-             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-             "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-             "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
-             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
-SD14_VAE = {"act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-            "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
-            "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4}
-SD14_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
 SD14_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                       steps_offset=1, set_alpha_to_one=False)
 
-# --smoke: SD v1's layout at toy width (tests/sd_fixtures.py), so every code path runs in seconds on a CPU
-SMOKE_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
-                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                  cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
-SMOKE_VAE = dict(block_out_channels=(32, 64), layers_per_block=2, in_channels=3, out_channels=3, latent_channels=4,
-                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                 norm_num_groups=32, sample_size=16)
-SMOKE_TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=37, num_hidden_layers=2, num_attention_heads=1,
-                  max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
-                  pad_token_id=49407)
+# --smoke: SD v1's layout at toy width (the tests' TINY_* configs), so every code path runs in seconds on a CPU
+SMOKE_UNET, SMOKE_VAE, SMOKE_TEXT = TINY_UNET, TINY_VAE, TINY_TEXT
 
 
 # ------------------------------------------------------------------------------------------------------ the weights

@@ -170,7 +170,9 @@ def main(argv=None):
         "variants timed round-robin (interleaved), medians of the rounds; ratio = minidiff / diffusers in the same "
         "dtype and mode; CPU s = process CPU time over all threads (less sensitive to other processes' load)",
         "peak extra GiB = peak resident memory during the first call minus the resident memory before it "
-        "(activations and workspace, not the weights)",
+        "(activations and workspace, not the weights); minidiff's eager first call also makes its cached oneDNN copy "
+        "of the convolution weights (kept, so it counts again in no later row; `speed.optimize(..., "
+        "pack_conv_weights=False)` trades it for speed)",
         "compiled rows: diffusers with torch.compile defaults; minidiff with speed.compile_options('cpu'), the options "
         "compile_pipeline uses" if args.compiled else "compiled rows not run this time (--compiled)",
         "the machine is shared with other engineers' tests and training jobs: see the load average line; wall-clock "

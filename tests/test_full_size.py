@@ -5,22 +5,9 @@ import torch
 from safetensors.torch import save_file
 
 import minidiff
-from sd_fixtures import VOCAB, compvis_state_dict
+from sd_fixtures import SD14_TEXT, SD14_UNET, SD14_VAE, VOCAB, compvis_state_dict
 
 pytestmark = pytest.mark.slow
-
-# the published configs of CompVis/stable-diffusion-v1-4
-SD14_UNET = {"act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
-             "center_input_sample": False, "cross_attention_dim": 768,
-             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-             "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-             "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
-             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
-SD14_VAE = {"act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-            "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
-            "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4}
-SD14_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
 @pytest.fixture(scope="module")
