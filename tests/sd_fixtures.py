@@ -68,23 +68,33 @@ def make_diffusers_pipe(seed: int = 0):
 
 def write_diffusers(dpipe, folder: Path, safetensors: bool = True) -> Path:
     dpipe.save_pretrained(str(folder), safe_serialization=safetensors)
+    if not safetensors:  # transformers 5 writes safetensors regardless; the .bin folders in the wild have pytorch_model.bin
+        for st in folder.glob("*/model.safetensors"):
+            torch.save(load_file(str(st)), st.with_name("pytorch_model.bin"))
+            st.unlink()
     return folder
 
 
 def to_2022_spelling(folder: Path) -> Path:
     """Rewrite a saved folder the way the 2022 SD v1.4 release spelled it: VAE mid-block attention as
-    query/key/value/proj_attn, text encoder keys under `text_model.`."""
-    vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    query/key/value/proj_attn, text encoder keys under `text_model.` (in .safetensors or, as that release shipped
+    them, .bin files)."""
+    def rewrite(stem: Path, rename):
+        st, pt = stem.with_suffix(".safetensors"), stem.with_suffix(".bin")
+        if st.exists():
+            save_file({rename(k): v for k, v in load_file(str(st)).items()}, str(st))
+        else:
+            torch.save({rename(k): v for k, v in torch.load(pt, weights_only=True).items()}, pt)
+
     old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    sd = {}
-    for k, v in load_file(str(vae_file)).items():
+
+    def vae_name(k):
         for new, o in old.items():
             k = k.replace(f"attentions.0.{new}.", f"attentions.0.{o}.")
-        sd[k] = v
-    save_file(sd, str(vae_file))
-    text_file = folder / "text_encoder" / "model.safetensors"
-    sd = load_file(str(text_file))
-    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in sd.items()}, str(text_file))
+        return k
+    rewrite(folder / "vae" / "diffusion_pytorch_model", vae_name)
+    text = "model" if (folder / "text_encoder" / "model.safetensors").exists() else "pytorch_model"
+    rewrite(folder / "text_encoder" / text, lambda k: k if k.startswith("text_model.") else "text_model." + k)
     return folder
 
 

@@ -48,10 +48,13 @@ def assert_same_model(pipe, dpipe, inputs):
 def test_diffusers_folder(tmp_path, dpipe, inputs, safetensors, spelling):
     folder = write_diffusers(dpipe, tmp_path / "sd", safetensors=safetensors)
     if spelling == "2022":
-        if not safetensors:
-            pytest.skip("the 2022 rewrite is done on .safetensors files")
         to_2022_spelling(folder)
-        assert "text_model.final_layer_norm.weight" in load_file(str(folder / "text_encoder" / "model.safetensors"))
+        text = (load_file(str(folder / "text_encoder" / "model.safetensors")) if safetensors else
+                torch.load(folder / "text_encoder" / "pytorch_model.bin", weights_only=True))
+        assert "text_model.final_layer_norm.weight" in text
+        vae = (load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors")) if safetensors else
+               torch.load(folder / "vae" / "diffusion_pytorch_model.bin", weights_only=True))
+        assert any(".attentions.0.query." in k for k in vae) and not any(".to_q." in k for k in vae)
     pipe = minidiff.load(folder)
     assert pipe.scheduler_config["beta_schedule"] == "scaled_linear"
     assert torch.equal(pipe.tokenizer(["a toucan"]), inputs["ids"][:1])
