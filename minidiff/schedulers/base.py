@@ -215,6 +215,17 @@ class Scheduler:
     def __len__(self):
         return self.num_train_timesteps
 
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        """Choose the n timesteps to visit, spaced by the `timestep_spacing` setting; sets self.timesteps
+        (LongTensor [n], decreasing). DDPM and DDIM use this as is; PNDM, Euler and DPM-Solver++ add their own."""
+        T = self.num_train_timesteps
+        if num_inference_steps > T:
+            raise ValueError(f"num_inference_steps={num_inference_steps} cannot exceed num_train_timesteps={T}")
+        self.num_inference_steps = num_inference_steps
+        cfg = self._settings
+        ts = spaced_timesteps(num_inference_steps, T, cfg["timestep_spacing"], cfg["steps_offset"])
+        self.timesteps = torch.from_numpy(ts).to(device)
+
     # --------------------------------------------------------------------------------------- shared maths
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """What the network is fed at timestep t. Identity for the VP samplers (x_t already has unit variance)."""

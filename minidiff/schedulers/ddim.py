@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SCHEDULE_DEFAULTS, Scheduler, randn, spaced_timesteps
+from .base import SCHEDULE_DEFAULTS, Scheduler, randn
 
 
 class DDIMScheduler(Scheduler):
@@ -37,16 +37,6 @@ class DDIMScheduler(Scheduler):
         super().__init__(**settings)
         # ᾱ after the last step: 1 (a clean image) or ᾱ_0 (what SD v1 was trained with: set_alpha_to_one=False)
         self.final_alpha_cumprod = torch.tensor(1.0) if self._settings["set_alpha_to_one"] else self.alphas_cumprod[0]
-
-    def set_timesteps(self, num_inference_steps: int, device=None):
-        """Sets self.timesteps (LongTensor [n], decreasing)."""
-        T = self.num_train_timesteps
-        if num_inference_steps > T:
-            raise ValueError(f"num_inference_steps={num_inference_steps} cannot exceed num_train_timesteps={T}")
-        self.num_inference_steps = num_inference_steps
-        cfg = self._settings
-        ts = spaced_timesteps(num_inference_steps, T, cfg["timestep_spacing"], cfg["steps_offset"])
-        self.timesteps = torch.from_numpy(ts).to(device)
 
     def _variance(self, timestep, prev_timestep):
         """σ_t² / η² = (1-ᾱ_{t'})/(1-ᾱ_t) · (1 - ᾱ_t/ᾱ_{t'}): the DDPM posterior variance β̃ of a strided step."""

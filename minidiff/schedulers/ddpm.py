@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SCHEDULE_DEFAULTS, Scheduler, randn, spaced_timesteps
+from .base import SCHEDULE_DEFAULTS, Scheduler, randn
 
 
 class DDPMScheduler(Scheduler):
@@ -32,16 +32,6 @@ class DDPMScheduler(Scheduler):
                "prediction_type": ("epsilon", "v_prediction", "sample"),
                "timestep_spacing": ("leading", "trailing", "linspace")}
     fixed = {"thresholding": False}
-
-    def set_timesteps(self, num_inference_steps: int, device=None):
-        """Choose the n timesteps to visit; sets self.timesteps (LongTensor [n], decreasing)."""
-        T = self.num_train_timesteps
-        if num_inference_steps > T:
-            raise ValueError(f"num_inference_steps={num_inference_steps} cannot exceed num_train_timesteps={T}")
-        self.num_inference_steps = num_inference_steps
-        cfg = self._settings
-        ts = spaced_timesteps(num_inference_steps, T, cfg["timestep_spacing"], cfg["steps_offset"])
-        self.timesteps = torch.from_numpy(ts).to(device)
 
     def previous_timestep(self, t):
         """t' — the timestep after t in self.timesteps (-1 after the last one); t - 1 before set_timesteps."""
