@@ -830,23 +830,21 @@ def _validate_and_plot(pipe, trainable, ema, prompts, cfg, R, autocast, out: Pat
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS   # an option not given stays out of args, so a --preset value is only overridden on purpose
     d = FinetuneConfig.__dataclass_fields__
     dflt = {k: v.default for k, v in d.items() if v.default is not dataclasses.MISSING}
 
-    def opt(*names, help, **kw):
+    def opt(*names, help, **kw):  # an option of the current argument group `g`
         key = names[0].lstrip("-").replace("-", "_")
-        p.add_argument(*names, default=S, help=f"{help} (default: {_show(dflt.get(key))})", **kw)
+        g.add_argument(*names, default=S, help=f"{help} (default: {_show(dflt.get(key))})", **kw)
 
-    g = p.add_argument_group("run")
+    g = parser.add_argument_group("run")
     g.add_argument("--data", required=True, help="dataset folder: images + metadata.jsonl (imagefolder)")
     g.add_argument("--output", required=True, help="output folder: train_log.jsonl, loss.png, checkpoints/, "
                                                     "validation/, and at the end the fine-tuned diffusers model")
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="a recipe of defaults (see docs/finetuning.md); flags given explicitly win")
-    p_ = p
-    p = g
     opt("--model", help="base model: diffusers folder or CompVis .ckpt/.safetensors; embedded tiny model if omitted")
     opt("--steps", type=int, help="optimizer steps in total")
     opt("--batch-size", type=int, help="samples per process per micro-step")
@@ -856,7 +854,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--seed", type=int, help="seed of every random choice (data order, augmentation, noise, LoRA init)")
     opt("--device", help="cpu, cuda, cuda:1 ...; none: cuda:<local rank> when CUDA is there, else cpu")
     opt("--num-workers", type=int, help="DataLoader processes that load and augment images")
-    p = p_.add_argument_group("what trains")
+    g = parser.add_argument_group("what trains")
     opt("--train", choices=TRAIN_MODES, help="the whole U-Net, its last N up-blocks, or LoRA adapters")
     opt("--up-blocks", type=int, help="with --train last-up-blocks: N, counted from the output end")
     opt("--lora-rank", type=int, help="with --train lora: the rank r")
@@ -864,11 +862,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--lora-export", choices=("merge", "separate"),
         help="merge: LoRA folded into OUT's weights; separate: the same, plus OUT/lora.safetensors for "
              "minidiff.lora.apply_lora on the base model")
-    p = p_.add_argument_group("loss")
+    g = parser.add_argument_group("loss")
     opt("--min-snr-gamma", type=float, help="min-SNR-γ loss weighting (Hang et al. 2023; 5 is usual)")
     opt("--noise-offset", type=float, help="noise offset strength (0.05-0.1 is usual)")
     opt("--caption-dropout", type=float, help="probability of training on the empty caption")
-    p = p_.add_argument_group("optimizer")
+    g = parser.add_argument_group("optimizer")
     opt("--optimizer", choices=("adamw", "adamw8bit"), help="adamw8bit: bitsandbytes, CUDA only")
     opt("--weight-decay", type=float, help="AdamW weight decay")
     opt("--adam-beta1", type=float, help="AdamW β1")
@@ -880,26 +878,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--ema", action=argparse.BooleanOptionalAction, help="keep an EMA of the trained weights; export it")
     opt("--ema-decay", type=float, help="EMA decay d")
     opt("--ema-on-cpu", action=argparse.BooleanOptionalAction, help="keep the EMA copy in CPU memory")
-    p = p_.add_argument_group("speed and memory")
+    g = parser.add_argument_group("speed and memory")
     opt("--mixed-precision", choices=PRECISIONS, help="autocast dtype (fp16 adds loss scaling)")
     opt("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
         help="recompute U-Net block activations in the backward pass (less memory, ~1/3 more compute)")
     opt("--cache-latents", action=argparse.BooleanOptionalAction,
         help="encode the dataset once with the frozen VAE (both flips with --random-flip)")
     opt("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the U-Net")
-    p = p_.add_argument_group("augmentation")
-    crop = p.add_mutually_exclusive_group()
+    g = parser.add_argument_group("augmentation")
+    crop = g.add_mutually_exclusive_group()
     crop.add_argument("--center-crop", dest="center_crop", action="store_true", default=S,
                       help="resize the shorter side to the resolution, crop the centre (default)")
     crop.add_argument("--random-crop", dest="center_crop", action="store_false", default=S,
                       help="... crop at a random place instead")
     opt("--random-flip", action=argparse.BooleanOptionalAction, help="flip left-right with probability 1/2")
-    p = p_.add_argument_group("checkpoints, validation, export")
+    g = parser.add_argument_group("checkpoints, validation, export")
     opt("--checkpoint-every", type=int, help="K: checkpoint + validation grid + loss curve every K steps")
     opt("--keep-last", type=int, help="M: checkpoints kept")
-    p.add_argument("--validation-prompts", default=S, metavar="FILE",
+    g.add_argument("--validation-prompts", default=S, metavar="FILE",
                    help="one prompt per line (default: 2 dataset captions + 'A toucan', 'A horse')")
-    p.add_argument("--validation-seeds", default=S, help="comma-separated seeds (default: 0)")
+    g.add_argument("--validation-seeds", default=S, help="comma-separated seeds (default: 0)")
     opt("--validation-steps", type=int, help="sampler steps of the validation images (0 = no validation)")
     opt("--validation-guidance", type=float, help="guidance scale of the validation images")
     opt("--validation-scheduler", choices=("pndm", "ddim", "ddpm", "euler", "dpmpp"),
@@ -908,7 +906,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--export-compvis", action="store_true", help="also write OUT/model.safetensors in the CompVis layout")
     opt("--max-steps-this-run", type=int,
         help="stop after this many steps in this invocation, without export (time-boxed jobs; resume later)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
 
 
 def _show(v):
