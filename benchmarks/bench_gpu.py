@@ -45,7 +45,8 @@ from minidiff import speed  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
 # the published SD v1.4 configs and the toy ones, in one place: the tests' random-weight fixtures
-from sd_fixtures import SD14_TEXT, SD14_UNET, SD14_VAE, TINY_TEXT, TINY_UNET, TINY_VAE  # noqa: E402
+from sd_fixtures import (SD14_TEXT, SD14_UNET, SD14_VAE, SD_SCHEDULER, TINY_TEXT, TINY_UNET,  # noqa: E402
+                         TINY_VAE)
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SEED = 0
@@ -63,11 +64,6 @@ TARGET_PEAK_GIB = bench_train.TARGET_PEAK_GIB
 NOT_MEASURED = "not measured yet"
 COMMAND = "python benchmarks/bench_gpu.py"
 
-SD14_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                      steps_offset=1, set_alpha_to_one=False)
-
-# --smoke: SD v1's layout at toy width (the tests' TINY_* configs), so every code path runs in seconds on a CPU
-SMOKE_UNET, SMOKE_VAE, SMOKE_TEXT = TINY_UNET, TINY_VAE, TINY_TEXT
 
 
 # ------------------------------------------------------------------------------------------------------ the weights
@@ -77,14 +73,15 @@ def random_model_folder(folder: Path, smoke: bool) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    unet_cfg, vae_cfg, text_cfg = (SMOKE_UNET, SMOKE_VAE, SMOKE_TEXT) if smoke else (SD14_UNET, SD14_VAE, SD14_TEXT)
+    # --smoke: SD v1's layout at toy width (the tests' TINY_* configs), so every code path runs in seconds on a CPU
+    unet_cfg, vae_cfg, text_cfg = (TINY_UNET, TINY_VAE, TINY_TEXT) if smoke else (SD14_UNET, SD14_VAE, SD14_TEXT)
     vocab = REPO / "weights" / "clip-tokenizer"
     torch.manual_seed(0)
     dpipe = StableDiffusionPipeline(
         unet=UNet2DConditionModel(**unet_cfg), vae=AutoencoderKL(**vae_cfg),
         text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)),
         tokenizer=CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77),
-        scheduler=PNDMScheduler(**SD14_SCHEDULER), safety_checker=None, feature_extractor=None,
+        scheduler=PNDMScheduler.from_config(SD_SCHEDULER), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     if smoke:  # diffusers initialises norms to exactly 1/0: jitter every weight so the parity check means something
         g = torch.Generator().manual_seed(0)

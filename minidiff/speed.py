@@ -52,7 +52,8 @@ _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
 
 # ------------------------------------------------------------------------------------- 1. oneDNN linear, fused epilogue
 def _use_onednn(x, weight) -> bool:
-    """oneDNN's fused linear applies to CPU inference in fp32/bf16 (it has no backward: training takes F.linear)."""
+    """oneDNN's fused linear (and FastConv2d's packed conv) apply to CPU inference in fp32/bf16 (they have no
+    backward: training takes F.linear / F.conv2d)."""
     return (_HAS_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype
             and x.dtype in (torch.float32, torch.bfloat16)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
@@ -142,10 +143,9 @@ class FastConv2d(nn.Conv2d):
 
     def forward(self, x):
         w = self.weight
-        if (not self.pack or not _HAS_ONEDNN or x.device.type != "cpu" or x.dtype != w.dtype
-                or x.dtype not in (torch.float32, torch.bfloat16) or self.padding_mode != "zeros"
-                or isinstance(self.padding, str) or x.dim() != 4
-                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        # the linears' test (CPU inference, fp32/bf16), plus what the packed call supports: zero padding given as ints
+        if (not self.pack or not _use_onednn(x, w) or self.padding_mode != "zeros" or isinstance(self.padding, str)
+                or x.dim() != 4):
             return super().forward(x)
         if torch.compiler.is_compiling():
             if id(self) not in _CONVS:
