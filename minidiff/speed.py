@@ -107,6 +107,13 @@ class FastLinear(nn.Linear):
 _CONVS: dict[int, weakref.ref] = {}   # id -> FastConv2d, for the compiled path's custom op
 
 
+def _register_conv(m):
+    """Let the custom op find module m by its id (the entry goes when m does)."""
+    if id(m) not in _CONVS:
+        _CONVS[id(m)] = weakref.ref(m)
+        weakref.finalize(m, _CONVS.pop, id(m), None)
+
+
 def _layout(x):
     """The memory format oneDNN gives the output of a convolution of x (channels-last in, channels-last out)."""
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -141,6 +148,10 @@ class FastConv2d(nn.Conv2d):
 
     pack = True
 
+    def __init__(self, *args, **kwargs):   # built directly (optimize swaps the class of an existing nn.Conv2d instead)
+        super().__init__(*args, **kwargs)
+        _register_conv(self)
+
     def forward(self, x):
         w = self.weight
         # the linears' test (CPU inference, fp32/bf16), plus what the packed call supports: zero padding given as ints
@@ -148,8 +159,6 @@ class FastConv2d(nn.Conv2d):
                 or x.dim() != 4):
             return super().forward(x)
         if torch.compiler.is_compiling():
-            if id(self) not in _CONVS:
-                raise RuntimeError("FastConv2d: run the module once eagerly or through speed.optimize before compiling")
             return _packed_conv2d(x, w, self.bias, id(self))
         return self._packed(x)
 
@@ -294,8 +303,7 @@ def optimize(pipe_or_model, channels_last: bool = True, fuse_qkv: bool = True, p
                 m.fuse_qkv = fuse_qkv
             if isinstance(m, FastConv2d):
                 m.pack = pack_conv_weights
-                _CONVS[id(m)] = weakref.ref(m)
-                weakref.finalize(m, _CONVS.pop, id(m), None)
+                _register_conv(m)
         if channels_last:
             model.to(memory_format=torch.channels_last)
         model._minidiff_optimized = True

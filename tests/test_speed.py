@@ -163,6 +163,18 @@ def test_conv_with_packed_weight_equals_conv2d(dtype, tol, geometry):
     assert rel(fast.weight.grad, conv.weight.grad) < tol
 
 
+def test_fast_conv_built_directly_compiles():
+    """A FastConv2d made with its constructor (not by optimize) runs compiled too, equal to the eager conv."""
+    conv = jitter(speed.FastConv2d(8, 8, 3, padding=1))
+    x = torch.randn(1, 8, 6, 6)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = conv(x)
+        compiled = torch.compile(conv, fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert rel(compiled, eager) < 1e-5
+
+
 def test_fused_qkv_cross_attention_and_training_gradients():
     """Self- and cross-attention in a TransformerBlock; with autograd on, the gradients equal the reference's."""
     block = jitter(TransformerBlock(16, heads=2, dim_head=8, context_dim=12)).requires_grad_(True)
