@@ -181,6 +181,23 @@ def test_transformer_block_trains_as_the_reference():
         assert torch.equal(a, b)
 
 
+def test_frozen_layers_on_onednn_feed_trained_layers():
+    """Fine-tuning the last up block: the frozen layers before it need no gradient, so they run on oneDNN (channels-last
+    outputs), and the trained block backpropagates through the reference kernels — with the reference's gradients
+    (this crashed in torch's GroupNorm backward before kernels.group_norm made such an input contiguous)."""
+    model = jitter(UNet(UNET))
+    model.up_blocks[-1].requires_grad_(True)
+    x, t, c = unet_inputs()
+    grads = []
+    for backend in ("auto", "reference"):
+        with kernels.use(backend):
+            model.zero_grad()
+            model(x, t, c).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.up_blocks[-1].parameters()])
+    for a, b in zip(*grads):
+        assert rel(a, b) < TOL[torch.float32]
+
+
 # ---------------------------------------------------------------------------------------------- attention slicing
 def test_attention_slicing_function():
     q, k, v = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)

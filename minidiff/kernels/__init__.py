@@ -114,6 +114,10 @@ def group_norm(x, weight, bias, num_groups: int, eps: float, silu: bool = False)
     """GroupNorm over groups of channels (then SiLU when `silu`). x [B, C, *spatial] -> same shape."""
     if pick(x, weight) == "triton":
         return _triton.group_norm(x, weight, bias, num_groups, eps, silu)
+    if weight is not None and weight.requires_grad and not x.requires_grad and not x.is_contiguous():
+        # torch 2.13's CPU GroupNorm backward crashes (segfault) for a channels-last input that needs no gradient
+        # when γ, β do: a frozen layer's oneDNN output feeding a trained one (fine-tuning the last blocks)
+        x = x.contiguous()
     return reference.group_norm(x, weight, bias, num_groups, eps, silu)
 
 
