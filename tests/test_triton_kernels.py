@@ -32,7 +32,7 @@ TOLERANCES = {
 }
 
 # (op, label, arguments): shapes are odd on purpose (masks, partial tiles), and a few are big enough that a kernel's
-# loop takes two tiles (group of 2 × 1200 > 2048 numbers, 1200 pixels > 1024; 70 rows > 32, 130 columns > 128).
+# loop takes two tiles (group of 2 × 1200 > 2048 numbers, 1200 pixels > 1024; 70 rows > 16, 130 columns > 128).
 CASES = [
     ("group_norm", "2x64x5x7,G32", dict(shape=(2, 64, 5, 7), groups=32, silu=False)),
     ("group_norm", "2x64x5x7,G32,silu", dict(shape=(2, 64, 5, 7), groups=32, silu=True)),

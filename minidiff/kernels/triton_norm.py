@@ -62,9 +62,11 @@ def _group_stats(x_ptr, base, N, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _group_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, S, G, eps, SILU: tl.constexpr, BLOCK: tl.constexpr):
+def _group_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, S, G, eps, SILU: tl.constexpr, BLOCK: tl.constexpr,
+                           BLOCK_S: tl.constexpr):
     """y = SiLU?(x̂ ⊙ w[c] + b[c]) for one (image, group) per program: x viewed as [B, C, S] (S = pixels), the group's
-    C/G channels × S pixels are N contiguous numbers, so a program walks one contiguous row in BLOCK-wide tiles.
+    C/G channels × S pixels are N contiguous numbers. The statistics walk them in BLOCK-wide tiles; the output walks
+    them channel by channel (BLOCK_S pixels a tile), so w[c] and b[c] are two scalars per channel.
     Reads x three times (μ, σ, y); at SD's sizes a group (≤ 160 KiB in fp32) is back from L2 for the second and third."""
     row = tl.program_id(0)                  # b · G + g
     cpg = C // G                            # channels per group
@@ -72,29 +74,40 @@ def _group_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, S, G, eps, SILU: tl.co
     base = row.to(tl.int64) * N             # int64: B·C·S may pass 2³¹ for big VAE decodes
     mean, rstd = _group_stats(x_ptr, base, N, eps, BLOCK)
     first_channel = (row % G) * cpg
-    for start in range(0, N, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < N
-        c = first_channel + offs // S       # the channel of each number in the tile
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
-        z = (x - mean) * rstd * w + b
-        if SILU:
-            z = z * tl.sigmoid(z)           # SiLU(z) = z σ(z)
-        tl.store(y_ptr + base + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+    for ci in range(0, cpg):
+        w = tl.load(w_ptr + first_channel + ci).to(tl.float32)
+        b = tl.load(b_ptr + first_channel + ci).to(tl.float32)
+        for start in range(0, S, BLOCK_S):
+            offs = start + tl.arange(0, BLOCK_S)
+            mask = offs < S
+            at = base + ci * S + offs
+            z = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd * w + b
+            if SILU:
+                z = z * tl.sigmoid(z)       # SiLU(z) = z σ(z)
+            tl.store(y_ptr + at, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _x_hat_and_dz(x_ptr, dy_ptr, at, mask, mean, rstd, w, b, SILU: tl.constexpr):
+    """x̂ and dz = ∂L/∂z at the positions `at` (z = x̂ w + b; masked positions give dz = 0)."""
+    x_hat = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+    dz = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        s = tl.sigmoid(x_hat * w + b)
+        dz = dz * s * (1.0 + (x_hat * w + b) * (1.0 - s))   # d/dz z σ(z) = σ(z)(1 + z(1 − σ(z)))
+    return x_hat, dz
 
 
 @triton.jit
 def _group_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, dx_ptr, dw_part_ptr, db_part_ptr, C, S, G, eps,
-                           SILU: tl.constexpr, BLOCK: tl.constexpr):
+                           SILU: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
     """∂L/∂x for one (image, group) per program, and that image's share of ∂L/∂w, ∂L/∂b per channel.
 
     With z = x̂ w + b and dz = ∂L/∂z (= dy, or dy · σ(z)(1 + z(1 − σ(z))) through the SiLU), g = dz · w[c]:
       pass A (per channel c of the group): Σ dz and Σ dz x̂ over the pixels  -> dw_part[b, c], db_part[b, c];
                                            mean(g) = Σ_c w[c] Σ dz / N,  mean(g x̂) = Σ_c w[c] Σ dz x̂ / N
       pass B: dx = rstd · (g − mean(g) − x̂ · mean(g x̂))
-    The passes walk channel by channel (S pixels each) because the per-channel sums need the channel boundaries;
+    Both passes walk channel by channel (BLOCK_S pixels a tile), which the per-channel sums need;
     the host sums dw_part, db_part over the images (a [B, C] tensor: cheap and deterministic, unlike atomics)."""
     row = tl.program_id(0)                  # b · G + g
     cpg = C // G
@@ -110,18 +123,14 @@ def _group_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, dx_ptr, dw_part_ptr, db_
         c = first_channel + ci
         w = tl.load(w_ptr + c).to(tl.float32)
         b = tl.load(b_ptr + c).to(tl.float32)
-        acc_dz = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_dzx = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, S, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
+        acc_dz = tl.zeros([BLOCK_S], dtype=tl.float32)
+        acc_dzx = tl.zeros([BLOCK_S], dtype=tl.float32)
+        for start in range(0, S, BLOCK_S):
+            offs = start + tl.arange(0, BLOCK_S)
             mask = offs < S
             at = base + ci * S + offs
-            x_hat = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-            dz = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            if SILU:
-                s = tl.sigmoid(x_hat * w + b)
-                dz = dz * s * (1.0 + (x_hat * w + b) * (1.0 - s))   # d/dz z σ(z) = σ(z)(1 + z(1 − σ(z)))
-            acc_dz += dz                    # masked lanes loaded dy = 0, so they add 0
+            x_hat, dz = _x_hat_and_dz(x_ptr, dy_ptr, at, mask, mean, rstd, w, b, SILU)
+            acc_dz += dz                    # masked lanes have dz = 0: they add nothing
             acc_dzx += dz * x_hat
         sdz = tl.sum(acc_dz, axis=0)
         sdzx = tl.sum(acc_dzx, axis=0)
@@ -136,17 +145,19 @@ def _group_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, dx_ptr, dw_part_ptr, db_
         c = first_channel + ci
         w = tl.load(w_ptr + c).to(tl.float32)
         b = tl.load(b_ptr + c).to(tl.float32)
-        for start in range(0, S, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
+        for start in range(0, S, BLOCK_S):
+            offs = start + tl.arange(0, BLOCK_S)
             mask = offs < S
             at = base + ci * S + offs
-            x_hat = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-            dz = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            if SILU:
-                s = tl.sigmoid(x_hat * w + b)
-                dz = dz * s * (1.0 + (x_hat * w + b) * (1.0 - s))
+            x_hat, dz = _x_hat_and_dz(x_ptr, dy_ptr, at, mask, mean, rstd, w, b, SILU)
             dx = rstd * (dz * w - mean_g - x_hat * mean_gx)
             tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _group_blocks(cpg: int, S: int) -> tuple[int, int]:
+    """(BLOCK, BLOCK_S): tiles of up to 2048 numbers for the statistics (SD's groups hold 2 560 numbers, 40 channels at
+    8×8, to 40 960, 10 channels at 64×64) and of up to 1024 pixels for the per-channel passes (64 to 4 096 pixels)."""
+    return _block(cpg * S, 2048), _block(S, 1024)
 
 
 def _check_group_norm(x, weight, bias, num_groups):
@@ -168,10 +179,9 @@ def group_norm(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: fl
     B, C = x.shape[:2]
     S = x[0, 0].numel()                     # pixels per channel
     y = torch.empty_like(x)
-    # a tile of up to 2048 numbers: SD's groups hold 2 560 (1280 ch at 8×8) to 40 960 (320 ch at 64×64) of them
-    block = _block((C // num_groups) * S, 2048)
+    block, block_s = _group_blocks(C // num_groups, S)
     wrap_triton(_group_norm_fwd_kernel)[(B * num_groups,)](
-        x, weight.contiguous(), bias.contiguous(), y, C, S, num_groups, eps, SILU=silu, BLOCK=block,
+        x, weight.contiguous(), bias.contiguous(), y, C, S, num_groups, eps, SILU=silu, BLOCK=block, BLOCK_S=block_s,
         num_warps=8 if block >= 1024 else 4)
     return y
 
@@ -186,10 +196,10 @@ def group_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, n
     dx = torch.empty_like(x)
     dw_part = torch.empty((B, C), dtype=torch.float32, device=x.device)   # per image; summed below
     db_part = torch.empty((B, C), dtype=torch.float32, device=x.device)
-    block = _block(S, 1024)                 # the passes that need channel boundaries walk one channel's S pixels
+    block, block_s = _group_blocks(C // num_groups, S)
     wrap_triton(_group_norm_bwd_kernel)[(B * num_groups,)](
         grad, x, weight.contiguous(), bias.contiguous(), dx, dw_part, db_part, C, S, num_groups, eps,
-        SILU=silu, BLOCK=block, num_warps=4)
+        SILU=silu, BLOCK=block, BLOCK_S=block_s, num_warps=8 if block >= 1024 else 4)
     return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype)
 
 
