@@ -193,12 +193,49 @@ def compiled(K, op, args, dname, device) -> tuple[str, bool]:
     return (f"ok, max Δ vs eager {worst:.1e}" if ok else f"**MISMATCH** {worst:.1e}"), ok
 
 
+def check_case(K, op, cargs, dname, device, smoke: bool, do_compile: bool, why_not_compiled: str):
+    """One table row: correctness, then timing, then the compile check, each in its own try block.
+    -> (row, correctness failures, timing/compile errors)."""
+    row, failed, broken = [op, describe(op, cargs), dname], 0, 0
+    try:
+        cells, ok = correctness(K, op, cargs, dname, device)
+        row += cells + ["ok" if ok else "**FAIL**"]
+        failed += not ok
+    except Exception as e:  # noqa: BLE001  (one failure must not end the run)
+        traceback.print_exc()
+        row += [f"error: {type(e).__name__}"] + ["—"] * 3 + ["**FAIL**"]
+        failed += 1
+    if smoke:
+        row += ["— (--smoke)"] * 6
+    else:
+        try:
+            row += timing(K, op, cargs, dname, device)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            row += [f"error: {type(e).__name__}"] + ["—"] * 5
+            broken += 1
+    if smoke:
+        row.append("— (--smoke: compile needs CUDA)")
+    elif not do_compile:
+        row.append(why_not_compiled)
+    else:
+        try:
+            cell, ok = compiled(K, op, cargs, dname, device)
+            failed += not ok
+        except Exception as e:  # noqa: BLE001  (a graph break under fullgraph=True lands here)
+            traceback.print_exc()
+            cell, broken = f"**error: {type(e).__name__}: {str(e).splitlines()[0][:80]}**", broken + 1
+        row.append(cell)
+    return row, failed, broken
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="CPU: Triton's interpreter, tiny shapes, no timing/compile")
     p.add_argument("--dtypes", default="fp32,bf16,fp16")
     p.add_argument("--compile-dtypes", default="bf16", help="dtypes to run the torch.compile check in ('' = none)")
-    p.add_argument("--ops", default=None, help="comma-separated subset of group_norm,layer_norm,geglu,bias_act_residual")
+    p.add_argument("--ops", default=None, help="a comma-separated subset of group_norm,layer_norm,geglu,"
+                   "bias_act_residual")
     p.add_argument("--out", default=None, help="also write the table (markdown) to this path")
     args = p.parse_args(argv)
 
@@ -215,43 +252,21 @@ def main(argv=None) -> int:
         cases = [c for c in cases if c[0] in args.ops.split(",")]
     dtypes = args.dtypes.split(",")
     compile_dtypes = [d for d in args.compile_dtypes.split(",") if d]
-    rows, failed, broken, compiled_ops = [], 0, 0, set()
+    rows, failed, broken, compile_now = [], 0, 0, set()
     start = time.perf_counter()
     for op, cargs in cases:
         for dname in dtypes:
-            name = f"{op} {describe(op, cargs)} {dname}"
-            print(f"{name} ...", flush=True)
-            row = [op, describe(op, cargs), dname]
-            try:
-                cells, ok = correctness(K, op, cargs, dname, device)
-                row += cells + ["ok" if ok else "**FAIL**"]
-                failed += not ok
-            except Exception as e:  # noqa: BLE001  (one failure must not end the run)
-                traceback.print_exc()
-                row += [f"error: {type(e).__name__}"] + ["—"] * 3 + ["**FAIL**"]
-                failed += 1
-            if args.smoke:
-                row += ["— (--smoke)"] * 6
+            print(f"{op} {describe(op, cargs)} {dname} ...", flush=True)
+            if not args.smoke and dname in compile_dtypes and (op, dname) not in compile_now:
+                compile_now.add((op, dname))            # the compile check: once per op and dtype, on its first shape
+                do_compile = True
             else:
-                try:
-                    row += timing(K, op, cargs, dname, device)
-                except Exception as e:  # noqa: BLE001
-                    traceback.print_exc()
-                    row += [f"error: {type(e).__name__}"] + ["—"] * 5
-                    broken += 1
-            if args.smoke or dname not in compile_dtypes or (op, dname) in compiled_ops:
-                row.append("— (--smoke: compile needs CUDA)" if args.smoke else "not run (once per op and dtype)"
-                           if dname in compile_dtypes else "not run (--compile-dtypes)")
-            else:
-                compiled_ops.add((op, dname))
-                try:
-                    cell, ok = compiled(K, op, cargs, dname, device)
-                    failed += not ok
-                except Exception as e:  # noqa: BLE001  (a graph break under fullgraph=True lands here)
-                    traceback.print_exc()
-                    cell, broken = f"**error: {type(e).__name__}: {str(e).splitlines()[0][:80]}**", broken + 1
-                row.append(cell)
+                do_compile = False
+            row, f, b = check_case(K, op, cargs, dname, device, args.smoke, do_compile,
+                                   "not run (once per op and dtype)" if dname in compile_dtypes else
+                                   "not run (--compile-dtypes)")
             rows.append(row)
+            failed, broken = failed + f, broken + b
             print(f"  {time.perf_counter() - start:.0f} s: " + md_table([], [row]).splitlines()[-1], flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()

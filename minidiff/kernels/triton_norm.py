@@ -67,7 +67,7 @@ def _group_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, S, G, eps, SILU: tl.co
     """y = SiLU?(x̂ ⊙ w[c] + b[c]) for one (image, group) per program: x viewed as [B, C, S] (S = pixels), the group's
     C/G channels × S pixels are N contiguous numbers. The statistics walk them in BLOCK-wide tiles; the output walks
     them channel by channel (BLOCK_S pixels a tile), so w[c] and b[c] are two scalars per channel.
-    Reads x three times (μ, σ, y); at SD's sizes a group (≤ 160 KiB in fp32) is back from L2 for the second and third."""
+    Reads x three times (μ, σ, y); at SD's sizes a group (≤ 160 KiB in fp32) comes from L2 the second and third time."""
     row = tl.program_id(0)                  # b · G + g
     cpg = C // G                            # channels per group
     N = cpg * S
