@@ -16,8 +16,8 @@ The backward pass of a standardization, with g = ∂L/∂x̂ (the incoming gradi
     ∂L/∂w = Σ ∂L/∂y ⊙ x̂,   ∂L/∂b = Σ ∂L/∂y                     (sums over everything that shares the channel)
 
 (the two means are what x̂'s dependence on μ and σ takes back out of g). The forward ops save no statistics: the
-backward kernels recompute μ and σ from x, which costs one more read of x (from L2 at SD's sizes) and keeps each op a
-plain one-output function for autograd and torch.compile.
+backward kernels recompute μ and σ from x, which costs one more read of x and keeps each op a plain one-output
+function for autograd and torch.compile.
 """
 from __future__ import annotations
 
@@ -42,49 +42,72 @@ def _check_norm_args(name, x, weight, bias, channels, dim_desc):
 
 
 # ------------------------------------------------------------------------------------------------------ GroupNorm
+# One program per (image, channel), B·C of them (640 at SD's [2, 320, 64, 64], 2 560 at [2, 1280, 8, 8]): enough to
+# fill a GPU, where one program per (image, group) would make only B·32 = 64. A group's statistics are then combined
+# from its channels' (Chan, Golub & LeVeque's parallel variance): with S pixels per channel, channel means m_c and
+# centered sums of squares M_c = Σ (x − m_c)², over the group's C/G channels
+#
+#     μ = mean_c(m_c),   σ² = (Σ_c M_c + S · Σ_c (m_c − μ)²) / N,   N = (C/G) · S
+#
+# which is stable in fp32 (no E[x²] − μ² cancellation). Forward: stats kernel, then normalize kernel (x read twice from memory,
+# y written once; a channel's pixels are read twice by the stats kernel, the second time from cache).
 @triton.jit
-def _group_stats(x_ptr, base, N, eps, BLOCK: tl.constexpr):
-    """μ and 1/√(σ² + ε) of the N contiguous numbers at x_ptr + base, in two passes (the mean, then the centered
-    squares: exact where the one-pass E[x²] − μ² cancels catastrophically when |μ| ≫ σ)."""
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, N, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(x_ptr + base + offs, mask=offs < N, other=0.0).to(tl.float32)
-    mean = tl.sum(acc, axis=0) / N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, N, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + base + offs, mask=offs < N, other=0.0).to(tl.float32)
-        d = tl.where(offs < N, x - mean, 0.0)
+def _channel_stats_kernel(x_ptr, stats_ptr, S, BLOCK_S: tl.constexpr):
+    """stats[p] = (m_c, M_c) of the S pixels of channel p = b · C + c of x [B, C, S]: the mean, then the centered
+    sum of squares."""
+    p = tl.program_id(0)
+    base = p.to(tl.int64) * S               # int64: B·C·S may pass 2³¹ for big VAE decodes
+    acc = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for start in range(0, S, BLOCK_S):
+        offs = start + tl.arange(0, BLOCK_S)
+        acc += tl.load(x_ptr + base + offs, mask=offs < S, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / S
+    acc = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for start in range(0, S, BLOCK_S):
+        offs = start + tl.arange(0, BLOCK_S)
+        x = tl.load(x_ptr + base + offs, mask=offs < S, other=0.0).to(tl.float32)
+        d = tl.where(offs < S, x - mean, 0.0)
         acc += d * d
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
-    return mean, rstd
+    tl.store(stats_ptr + 2 * p, mean)
+    tl.store(stats_ptr + 2 * p + 1, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _group_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, S, G, eps, SILU: tl.constexpr, BLOCK: tl.constexpr,
-                           BLOCK_S: tl.constexpr):
-    """y = SiLU?(x̂ ⊙ w[c] + b[c]) for one (image, group) per program: x viewed as [B, C, S] (S = pixels), the group's
-    C/G channels × S pixels are N contiguous numbers. The statistics walk them in BLOCK-wide tiles; the output walks
-    them channel by channel (BLOCK_S pixels a tile), so w[c] and b[c] are two scalars per channel.
-    Reads x three times (μ, σ, y); at SD's sizes a group (≤ 160 KiB in fp32) comes from L2 the second and third time."""
-    row = tl.program_id(0)                  # b · G + g
-    cpg = C // G                            # channels per group
-    N = cpg * S
-    base = row.to(tl.int64) * N             # int64: B·C·S may pass 2³¹ for big VAE decodes
-    mean, rstd = _group_stats(x_ptr, base, N, eps, BLOCK)
-    first_channel = (row % G) * cpg
-    for ci in range(0, cpg):
-        w = tl.load(w_ptr + first_channel + ci).to(tl.float32)
-        b = tl.load(b_ptr + first_channel + ci).to(tl.float32)
-        for start in range(0, S, BLOCK_S):
-            offs = start + tl.arange(0, BLOCK_S)
-            mask = offs < S
-            at = base + ci * S + offs
-            z = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd * w + b
-            if SILU:
-                z = z * tl.sigmoid(z)       # SiLU(z) = z σ(z)
-            tl.store(y_ptr + at, z.to(y_ptr.dtype.element_ty), mask=mask)
+def _group_of(p, C, cpg, BLOCK_G: tl.constexpr):
+    """The channels (as indices b · C + c, a [BLOCK_G] vector and its mask) of the group that channel p belongs to."""
+    first = p - (p % C) % cpg               # the group's first channel: its channels are contiguous
+    k = tl.arange(0, BLOCK_G)
+    return first + k, k < cpg
+
+
+@triton.jit
+def _group_moments(stats_ptr, p, C, S, cpg, eps, BLOCK_G: tl.constexpr):
+    """μ and 1/√(σ² + ε) of channel p's group, from its channels' (m_c, M_c) (the formula above)."""
+    chans, mask = _group_of(p, C, cpg, BLOCK_G)
+    m = tl.load(stats_ptr + 2 * chans, mask=mask, other=0.0)
+    m2 = tl.load(stats_ptr + 2 * chans + 1, mask=mask, other=0.0)
+    mean = tl.sum(m, axis=0) / cpg
+    d = tl.where(mask, m - mean, 0.0)
+    var = (tl.sum(m2, axis=0) + S * tl.sum(d * d, axis=0)) / (cpg * S)
+    return mean, 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def _group_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, y_ptr, C, S, cpg, eps, SILU: tl.constexpr,
+                           BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
+    """y = SiLU?(x̂ w[c] + b[c]) over the S pixels of channel p = b · C + c (w[c], b[c]: two scalars)."""
+    p = tl.program_id(0)
+    mean, rstd = _group_moments(stats_ptr, p, C, S, cpg, eps, BLOCK_G)
+    w = tl.load(w_ptr + p % C).to(tl.float32)
+    b = tl.load(b_ptr + p % C).to(tl.float32)
+    base = p.to(tl.int64) * S
+    for start in range(0, S, BLOCK_S):
+        offs = start + tl.arange(0, BLOCK_S)
+        mask = offs < S
+        z = (tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd * w + b
+        if SILU:
+            z = z * tl.sigmoid(z)           # SiLU(z) = z σ(z)
+        tl.store(y_ptr + base + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -98,66 +121,64 @@ def _x_hat_and_dz(x_ptr, dy_ptr, at, mask, mean, rstd, w, b, SILU: tl.constexpr)
     return x_hat, dz
 
 
+# Backward, with z = x̂ w + b, dz = ∂L/∂z (= dy, or through the SiLU) and g = dz · w[c] = ∂L/∂x̂:
+#   kernel A, per channel:  Σ dz and Σ dz x̂ over its pixels -> db_part[b, c], dw_part[b, c]
+#   kernel B, per channel:  mean(g) = Σ_c w[c] Σ dz / N,  mean(g x̂) = Σ_c w[c] Σ dz x̂ / N over its group (from A's
+#                           sums), then dx = rstd · (g − mean(g) − x̂ · mean(g x̂)) over its pixels
+# and the host sums dw_part, db_part over the images ([B, C]: cheap and deterministic, unlike atomics).
 @triton.jit
-def _group_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, dx_ptr, dw_part_ptr, db_part_ptr, C, S, G, eps,
-                           SILU: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
-    """∂L/∂x for one (image, group) per program, and that image's share of ∂L/∂w, ∂L/∂b per channel.
+def _group_norm_bwd_sums_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, stats_ptr, dw_part_ptr, db_part_ptr, C, S, cpg, eps,
+                                SILU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Kernel A: Σ dz, Σ dz x̂ over channel p's pixels."""
+    p = tl.program_id(0)
+    mean, rstd = _group_moments(stats_ptr, p, C, S, cpg, eps, BLOCK_G)
+    w = tl.load(w_ptr + p % C).to(tl.float32)
+    b = tl.load(b_ptr + p % C).to(tl.float32)
+    base = p.to(tl.int64) * S
+    acc_dz = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc_dzx = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for start in range(0, S, BLOCK_S):
+        offs = start + tl.arange(0, BLOCK_S)
+        x_hat, dz = _x_hat_and_dz(x_ptr, dy_ptr, base + offs, offs < S, mean, rstd, w, b, SILU)
+        acc_dz += dz                        # masked lanes have dz = 0: they add nothing
+        acc_dzx += dz * x_hat
+    tl.store(db_part_ptr + p, tl.sum(acc_dz, axis=0))
+    tl.store(dw_part_ptr + p, tl.sum(acc_dzx, axis=0))
 
-    With z = x̂ w + b and dz = ∂L/∂z (= dy, or dy · σ(z)(1 + z(1 − σ(z))) through the SiLU), g = dz · w[c]:
-      pass A (per channel c of the group): Σ dz and Σ dz x̂ over the pixels  -> dw_part[b, c], db_part[b, c];
-                                           mean(g) = Σ_c w[c] Σ dz / N,  mean(g x̂) = Σ_c w[c] Σ dz x̂ / N
-      pass B: dx = rstd · (g − mean(g) − x̂ · mean(g x̂))
-    Both passes walk channel by channel (BLOCK_S pixels a tile), which the per-channel sums need;
-    the host sums dw_part, db_part over the images (a [B, C] tensor: cheap and deterministic, unlike atomics)."""
-    row = tl.program_id(0)                  # b · G + g
-    cpg = C // G
+
+@triton.jit
+def _group_norm_bwd_dx_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, stats_ptr, dw_part_ptr, db_part_ptr, dx_ptr, C, S, cpg,
+                              eps, SILU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Kernel B: ∂L/∂x over channel p's pixels."""
+    p = tl.program_id(0)
+    mean, rstd = _group_moments(stats_ptr, p, C, S, cpg, eps, BLOCK_G)
+    chans, gmask = _group_of(p, C, cpg, BLOCK_G)
+    w_g = tl.load(w_ptr + chans % C, mask=gmask, other=0.0).to(tl.float32)   # the group's weights
     N = cpg * S
-    base = row.to(tl.int64) * N
-    mean, rstd = _group_stats(x_ptr, base, N, eps, BLOCK)
-    first_channel = (row % G) * cpg
-    batch = row // G
-
-    sum_g = 0.0                              # Σ g        over the group
-    sum_gx = 0.0                             # Σ g · x̂   over the group
-    for ci in range(0, cpg):
-        c = first_channel + ci
-        w = tl.load(w_ptr + c).to(tl.float32)
-        b = tl.load(b_ptr + c).to(tl.float32)
-        acc_dz = tl.zeros([BLOCK_S], dtype=tl.float32)
-        acc_dzx = tl.zeros([BLOCK_S], dtype=tl.float32)
-        for start in range(0, S, BLOCK_S):
-            offs = start + tl.arange(0, BLOCK_S)
-            mask = offs < S
-            at = base + ci * S + offs
-            x_hat, dz = _x_hat_and_dz(x_ptr, dy_ptr, at, mask, mean, rstd, w, b, SILU)
-            acc_dz += dz                    # masked lanes have dz = 0: they add nothing
-            acc_dzx += dz * x_hat
-        sdz = tl.sum(acc_dz, axis=0)
-        sdzx = tl.sum(acc_dzx, axis=0)
-        tl.store(db_part_ptr + batch * C + c, sdz)
-        tl.store(dw_part_ptr + batch * C + c, sdzx)
-        sum_g += w * sdz
-        sum_gx += w * sdzx
-    mean_g = sum_g / N
-    mean_gx = sum_gx / N
-
-    for ci in range(0, cpg):
-        c = first_channel + ci
-        w = tl.load(w_ptr + c).to(tl.float32)
-        b = tl.load(b_ptr + c).to(tl.float32)
-        for start in range(0, S, BLOCK_S):
-            offs = start + tl.arange(0, BLOCK_S)
-            mask = offs < S
-            at = base + ci * S + offs
-            x_hat, dz = _x_hat_and_dz(x_ptr, dy_ptr, at, mask, mean, rstd, w, b, SILU)
-            dx = rstd * (dz * w - mean_g - x_hat * mean_gx)
-            tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    mean_g = tl.sum(w_g * tl.load(db_part_ptr + chans, mask=gmask, other=0.0), axis=0) / N
+    mean_gx = tl.sum(w_g * tl.load(dw_part_ptr + chans, mask=gmask, other=0.0), axis=0) / N
+    w = tl.load(w_ptr + p % C).to(tl.float32)
+    b = tl.load(b_ptr + p % C).to(tl.float32)
+    base = p.to(tl.int64) * S
+    for start in range(0, S, BLOCK_S):
+        offs = start + tl.arange(0, BLOCK_S)
+        mask = offs < S
+        x_hat, dz = _x_hat_and_dz(x_ptr, dy_ptr, base + offs, mask, mean, rstd, w, b, SILU)
+        dx = rstd * (dz * w - mean_g - x_hat * mean_gx)
+        tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _group_blocks(cpg: int, S: int) -> tuple[int, int]:
-    """(BLOCK, BLOCK_S): tiles of up to 2048 numbers for the statistics (SD's groups hold 2 560 numbers, 40 channels at
-    8×8, to 40 960, 10 channels at 64×64) and of up to 1024 pixels for the per-channel passes (64 to 4 096 pixels)."""
-    return _block(cpg * S, 2048), _block(S, 1024)
+def _group_norm_launch(x, num_groups):
+    """(B, C, S, the launch grid, the block sizes and warps) shared by the forward and backward ops, and the
+    per-channel statistics of x [B·C, 2] (the first kernel of both)."""
+    B, C = x.shape[:2]
+    S = x[0, 0].numel()                     # pixels per channel
+    block_s = _block(S, 1024)               # SD: 64 (8×8) to 4 096 (64×64) pixels, in ≤ 1024-wide tiles
+    meta = dict(BLOCK_S=block_s, num_warps=max(1, min(4, block_s // 256)))
+    stats = torch.empty((B * C, 2), dtype=torch.float32, device=x.device)
+    wrap_triton(_channel_stats_kernel)[(B * C,)](x, stats, S, **meta)
+    meta["BLOCK_G"] = triton.next_power_of_2(C // num_groups)   # a group's channels as one vector (SD: 10 to 40)
+    return B, C, S, stats, meta
 
 
 def _check_group_norm(x, weight, bias, num_groups):
@@ -175,31 +196,28 @@ def group_norm(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: fl
 
     x [B, C, *spatial] (fp32 / bf16 / fp16; sums in fp32), weight, bias [C] -> [B, C, *spatial] in x's dtype."""
     _check_group_norm(x, weight, bias, num_groups)
-    x = x.contiguous()                      # [B, C, *spatial]: a group is one contiguous run of C/G · S numbers
-    B, C = x.shape[:2]
-    S = x[0, 0].numel()                     # pixels per channel
+    x = x.contiguous()                      # [B, C, *spatial] seen as [B·C, S]: one row per (image, channel)
+    B, C, S, stats, meta = _group_norm_launch(x, num_groups)
     y = torch.empty_like(x)
-    block, block_s = _group_blocks(C // num_groups, S)
-    wrap_triton(_group_norm_fwd_kernel)[(B * num_groups,)](
-        x, weight.contiguous(), bias.contiguous(), y, C, S, num_groups, eps, SILU=silu, BLOCK=block, BLOCK_S=block_s,
-        num_warps=8 if block >= 1024 else 4)
+    wrap_triton(_group_norm_fwd_kernel)[(B * C,)](x, weight.contiguous(), bias.contiguous(), stats, y, C, S,
+                                                  C // num_groups, eps, SILU=silu, **meta)
     return y
 
 
 @triton_op("minidiff::group_norm_backward", mutates_args={})
 def group_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float,
                         silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(∂L/∂x, ∂L/∂weight, ∂L/∂bias) of group_norm, given grad = ∂L/∂y."""
-    grad, x = grad.contiguous(), x.contiguous()
-    B, C = x.shape[:2]
-    S = x[0, 0].numel()
-    dx = torch.empty_like(x)
+    """(∂L/∂x, ∂L/∂weight, ∂L/∂bias) of group_norm, given grad = ∂L/∂y (the statistics are recomputed)."""
+    grad, x, weight, bias = grad.contiguous(), x.contiguous(), weight.contiguous(), bias.contiguous()
+    B, C, S, stats, meta = _group_norm_launch(x, num_groups)
     dw_part = torch.empty((B, C), dtype=torch.float32, device=x.device)   # per image; summed below
     db_part = torch.empty((B, C), dtype=torch.float32, device=x.device)
-    block, block_s = _group_blocks(C // num_groups, S)
-    wrap_triton(_group_norm_bwd_kernel)[(B * num_groups,)](
-        grad, x, weight.contiguous(), bias.contiguous(), dx, dw_part, db_part, C, S, num_groups, eps,
-        SILU=silu, BLOCK=block, BLOCK_S=block_s, num_warps=8 if block >= 1024 else 4)
+    dx = torch.empty_like(x)
+    cpg = C // num_groups
+    wrap_triton(_group_norm_bwd_sums_kernel)[(B * C,)](grad, x, weight, bias, stats, dw_part, db_part, C, S, cpg,
+                                                       eps, SILU=silu, **meta)
+    wrap_triton(_group_norm_bwd_dx_kernel)[(B * C,)](grad, x, weight, bias, stats, dw_part, db_part, dx, C, S, cpg,
+                                                     eps, SILU=silu, **meta)
     return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype)
 
 
