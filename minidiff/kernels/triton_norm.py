@@ -49,8 +49,8 @@ def _check_norm_args(name, x, weight, bias, channels, dim_desc):
 #
 #     μ = mean_c(m_c),   σ² = (Σ_c M_c + S · Σ_c (m_c − μ)²) / N,   N = (C/G) · S
 #
-# which is stable in fp32 (no E[x²] − μ² cancellation). Forward: stats kernel, then normalize kernel (x read twice from memory,
-# y written once; a channel's pixels are read twice by the stats kernel, the second time from cache).
+# which is stable in fp32 (no E[x²] − μ² cancellation). Forward: a stats kernel, then a normalize kernel (x read
+# from memory twice, y written once; the stats kernel's second pass over a channel reads it from cache).
 @triton.jit
 def _channel_stats_kernel(x_ptr, stats_ptr, S, BLOCK_S: tl.constexpr):
     """stats[p] = (m_c, M_c) of the S pixels of channel p = b · C + c of x [B, C, S]: the mean, then the centered
