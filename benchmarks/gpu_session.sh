@@ -22,7 +22,8 @@ if [ "$phase" = eager ]; then
   timeout 330 python3 benchmarks/bench_gpu.py --dtypes fp16,bf16 --repeats 2 --compile-dtypes none \
     --train-variants "baseline,+ cached latents,+ fused AdamW,+ bf16 autocast,+ checkpointing" 2>&1 | tee "$OUT/bench.log" | tail -60
 else
-  timeout 500 python3 benchmarks/bench_gpu.py --dtypes fp16 --repeats 2 --compile-dtypes fp16 --no-train 2>&1 \
+  timeout 80 python3 benchmarks/gpu_model_check.py --no-compile --out "$OUT/model.md" 2>&1 | tail -14
+  timeout 280 python3 benchmarks/bench_gpu.py --dtypes fp16 --repeats 1 --compile-dtypes fp16 --no-train 2>&1 \
     | tee "$OUT/bench.log" | tail -40
 fi
 cp docs/benchmarks.md "$OUT/benchmarks.md"

@@ -88,6 +88,8 @@ def test_kernels_pick_by_device_dtype_grad_and_switch():
         with kernels.use("reference"):
             assert kernels.pick(x, w) == "reference"
         assert kernels.pick(x, w) == "onednn"                           # restored after the block
+        with kernels.use("triton"):                                     # Triton runs CUDA tensors only
+            assert kernels.pick(x, w) == "onednn"
     assert kernels.pick(x, w.requires_grad_()) == "reference"          # training: oneDNN has no backward
     with pytest.raises(ValueError, match="kernels backend must be one of"):
         kernels.set_backend("fast")
