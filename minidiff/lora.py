@@ -248,32 +248,43 @@ def lora_state_dict(model: nn.Module, prefix: str = "unet.") -> dict[str, torch.
     return out
 
 
-def set_lora_scale(model: nn.Module, scale: float) -> nn.Module:
-    """Every LoRA layer of `model` at strength `scale` (merged layers are re-merged). Returns model."""
-    for m in lora_layers(model).values():
-        m.set_scale(scale)
+def _networks(model) -> list[nn.Module]:
+    """A network itself, or the U-Net and text encoder of a StableDiffusion."""
+    if isinstance(model, nn.Module):
+        return [model]
+    return [m for m in (getattr(model, "unet", None), getattr(model, "text_encoder", None)) if m is not None]
+
+
+def set_lora_scale(model, scale: float):
+    """Every LoRA layer of `model` (a network or a StableDiffusion) at strength `scale` (merged layers are
+    re-merged). Returns model."""
+    for net in _networks(model):
+        for m in lora_layers(net).values():
+            m.set_scale(scale)
     return model
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
-    """Fold every LoRA layer into its base layer, W₀ ← W₀ + ΔW (in place).
+def merge_lora(model, unload: bool = True):
+    """Fold every LoRA layer of `model` (a network or a StableDiffusion) into its base layer, W₀ ← W₀ + ΔW (in place).
 
     unload=True (default): put the plain nn.Linear / nn.Conv2d back — the model has its original state_dict keys and
     no LoRA cost at inference, and the LoRA is gone. unload=False: keep the wrappers (merged), so unmerge_lora can
     take ΔW out again and set_lora_scale can change it."""
-    for path, m in lora_layers(model).items():
-        m.merge()
-        if unload:
-            _set_submodule(model, path, m.base)
+    for net in _networks(model):
+        for path, m in lora_layers(net).items():
+            m.merge()
+            if unload:
+                _set_submodule(net, path, m.base)
     return model
 
 
 @torch.no_grad()
-def unmerge_lora(model: nn.Module) -> nn.Module:
+def unmerge_lora(model):
     """Take ΔW out of every merged (still wrapped) LoRA layer: W₀ ← W₀ − ΔW. Returns model."""
-    for m in lora_layers(model).values():
-        m.unmerge()
+    for net in _networks(model):
+        for m in lora_layers(net).values():
+            m.unmerge()
     return model
 
 
