@@ -7,6 +7,7 @@
     at scale 1 and at another scale (diffusers' fuse_lora(lora_scale=S));
   * keys that name no layer, wrong shapes, unknown layouts: clear errors."""
 import json
+import re
 
 import pytest
 import torch
@@ -204,6 +205,43 @@ def test_kohya_compvis_spelling(folder, tmp_path):
     other = apply_lora(minidiff.load(folder), tmp_path / "plain.safetensors")
     a, b = pipe.unet.state_dict(), other.unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _old_diffusers_name(key: str) -> str:
+    """A PEFT key as diffusers' attention-processor era spelled it (2023 files: pytorch_lora_weights.bin)."""
+    ab = {"lora_A": "down", "lora_B": "up"}
+    if key.startswith("unet.") and any(f".{p}.lora_" in key for p in ("to_q", "to_k", "to_v", "to_out.0")):
+        head, proj, tail = re.match(r"(.*)\.(to_q|to_k|to_v|to_out\.0)\.(lora_[AB])\.weight", key).groups()
+        return f"{head}.processor.{proj.replace('.0', '')}_lora.{ab[tail]}.weight"
+    if key.startswith("text_encoder.") and ".self_attn." in key:
+        head, proj, tail = re.match(r"(.*)\.(q|k|v|out)_proj\.(lora_[AB])\.weight", key).groups()
+        return f"{head}.to_{proj}_lora.{ab[tail]}.weight"
+    head, tail = re.match(r"(.*)\.(lora_[AB])\.weight", key).groups()
+    return f"{head}.lora_linear_layer.{ab[tail]}.weight" if key.startswith("text_encoder.") else \
+        f"{head}.lora.{ab[tail]}.weight"
+
+
+def test_pickled_and_older_diffusers_spellings(folder, tmp_path):
+    """The same LoRA as a .bin pickle in diffusers' older key names changes the weights exactly as the PEFT file."""
+    pipe = _trained_pipe(folder)
+    path = save_lora(pipe, tmp_path / "lora.safetensors")
+    tensors = load_file(str(path))
+    old = {_old_diffusers_name(k): v for k, v in tensors.items()}
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight" in old
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.up.weight" in old
+    torch.save(old, tmp_path / "pytorch_lora_weights.bin")
+    # no PEFT header in the old files: give every layer α = r, then both files mean the same
+    for net in (pipe.unet, pipe.text_encoder):
+        for m in lora_layers(net).values():
+            m.alpha = float(m.rank)
+    save_lora(pipe, path)
+    a = apply_lora(minidiff.load(folder), path)
+    b = apply_lora(minidiff.load(folder), tmp_path / "pytorch_lora_weights.bin")
+    for x, y in [(a.unet, b.unet), (a.text_encoder, b.text_encoder)]:
+        sx, sy = x.state_dict(), y.state_dict()
+        assert all(torch.equal(sx[k], sy[k]) for k in sx)
+    assert not torch.equal(a.unet.down_blocks[0].resnets[0].conv1.weight,
+                           minidiff.load(folder).unet.down_blocks[0].resnets[0].conv1.weight)
 
 
 # ---------------------------------------------------------------------------------------------- scale, merge
