@@ -143,6 +143,20 @@ def test_finetune_lora_exports_merged_and_separate(tiny, tmp_path):
     for k, v in base.unet.state_dict().items():
         torch.testing.assert_close(v, t[k], rtol=0, atol=1e-6)
     assert read_lora(out / "lora.safetensors")[1]["base_model"] == tiny["model"]
+    assert all(torch.equal(v, base.text_encoder.state_dict()[k]) for k, v in tuned.text_encoder.state_dict().items())
+    # --lora-text-encoder: the text encoder's LoRA trains too, and is in the merged model and in the file
+    train(cfg_for(tiny, tmp_path / "te", steps=3, train="lora", lora_rank=2, lora_text_encoder=True,
+                  lora_export="separate", lr=1e-2))
+    tuned, base = minidiff.load(tmp_path / "te"), minidiff.load(tiny["model"])
+    t, b = tuned.text_encoder.state_dict(), base.text_encoder.state_dict()
+    changed = {k for k in b if not torch.equal(t[k], b[k])}
+    assert changed and all(k.endswith(tuple(f"{n}.weight" for n in TEXT_ENCODER_TARGETS)) for k in changed)
+    apply_lora(base, tmp_path / "te" / "lora.safetensors")
+    for net, ref in [(base.unet, tuned.unet), (base.text_encoder, tuned.text_encoder)]:
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(v, ref.state_dict()[k], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="lora_text_encoder needs train='lora'"):
+        cfg_for(tiny, tmp_path / "x", lora_text_encoder=True)
     # merge (the default) writes no separate file
     train(cfg_for(tiny, tmp_path / "merged", steps=1, train="lora", lora_rank=2))
     assert not (tmp_path / "merged" / "lora.safetensors").exists()
