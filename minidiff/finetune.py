@@ -20,7 +20,8 @@ Three optional tweaks of the loss:
     ε_θ(z_t, t, τ("")) that classifier-free guidance subtracts at sampling time (Ho & Salimans 2022).
 
 What trains: the whole U-Net, its last N up-blocks (the decoder end, nearest the pixels), or LoRA adapters on the
-attention projections (minidiff.lora). The VAE and the text encoder stay frozen throughout.
+attention projections (minidiff.lora; with --lora-text-encoder also on the text encoder's projections and MLP). The
+VAE and the text encoder's own weights stay frozen throughout.
 
 Exact resumption: every random choice of a sample — its place in the epoch's shuffle, its crop and flip, its
 caption dropout, its t, its ε and the VAE posterior sample — is drawn from a generator seeded by
@@ -85,6 +86,7 @@ class FinetuneConfig:
     lora_rank: int = 4
     lora_alpha: float | None = None             # None = the rank (α/r = 1)
     lora_export: str = "merge"                  # "merge" | "separate" (also writes OUT/lora.safetensors)
+    lora_text_encoder: bool = False             # with train="lora": LoRA on the text encoder's attention and MLP too
     # loss
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
@@ -130,6 +132,8 @@ class FinetuneConfig:
                   (self.mixed_precision in PRECISIONS, f"mixed_precision must be one of {PRECISIONS}"),
                   (self.optimizer in ("adamw", "adamw8bit"), "optimizer must be 'adamw' or 'adamw8bit'"),
                   (self.lora_export in ("merge", "separate"), "lora_export must be 'merge' or 'separate'"),
+                  (not self.lora_text_encoder or self.train == "lora",
+                   f"lora_text_encoder needs train='lora', got train={self.train!r}"),
                   (self.steps >= 0 and self.batch_size >= 1 and self.grad_accum >= 1,
                    "steps >= 0, batch_size >= 1 and grad_accum >= 1 are required"),
                   (0.0 <= self.caption_dropout <= 1.0, "caption_dropout is a probability in [0, 1]"),
@@ -579,10 +583,10 @@ def export_model(pipe, out, cfg: FinetuneConfig) -> Path:
     from .lora import lora_layers, merge_lora, save_lora
 
     out = Path(out)
-    if lora_layers(pipe.unet):
-        if cfg.lora_export == "separate":
-            save_lora(pipe.unet, out / "lora.safetensors", {"base_model": str(cfg.model or "embedded")})
-        merge_lora(pipe.unet)
+    if lora_layers(pipe.unet) or lora_layers(pipe.text_encoder):
+        if cfg.lora_export == "separate":   # the U-Net's LoRA layers and the text encoder's, if it has any
+            save_lora(pipe, out / "lora.safetensors", extra_metadata={"base_model": str(cfg.model or "embedded")})
+        merge_lora(pipe)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
         minidiff.save(pipe, staging / "model", format="diffusers")
@@ -639,6 +643,10 @@ def _train(cfg: FinetuneConfig, ctx: Dist) -> dict:
     alphas_cumprod = noise_sched.alphas_cumprod.to(device)
     unet = pipe.unet
     trainable = select_trainable(unet, cfg)
+    if cfg.lora_text_encoder:   # CLIP's q/k/v/out projections and MLP get LoRA too; its A and B train with the U-Net's
+        from .lora import TEXT_ENCODER_TARGETS, inject_lora
+        inject_lora(pipe.text_encoder, cfg.lora_rank, cfg.lora_alpha, targets=TEXT_ENCODER_TARGETS)
+        trainable.update({f"text_encoder.{n}": p for n, p in pipe.text_encoder.named_parameters() if p.requires_grad})
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -716,6 +724,10 @@ def _train(cfg: FinetuneConfig, ctx: Dist) -> dict:
                     scaled = loss / A
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 loss_sum += loss.detach()
+            if ctx.world > 1 and cfg.lora_text_encoder:     # DDP averages the U-Net's gradients; these, here
+                for name, p in trainable.items():
+                    if name.startswith("text_encoder.") and p.grad is not None:
+                        p.grad.copy_(ctx.mean(p.grad))
             loss_mean = ctx.mean(loss_sum / A)
             loss_value = float(loss_mean)                   # the one host sync per step
             if not math.isfinite(loss_value):
@@ -770,6 +782,7 @@ def _train(cfg: FinetuneConfig, ctx: Dist) -> dict:
         if cfg.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         unet.eval().requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
         with open(out / "finetune_config.json", "w") as fh:
             json.dump({**_config_dict(cfg), "_world": ctx.world}, fh, indent=2)
         export_model(pipe, out, cfg)
@@ -795,7 +808,7 @@ def _micro_step(batch, pipe, model, noise_sched, alphas_cumprod, prediction_type
         t = batch["t"].to(device)                                                  # [B]
         zt = noise_sched.add_noise(z0, noise, t)                                   # √ᾱ z₀ + √(1−ᾱ) ε
         ids = pipe.tokenizer(batch["text"]).to(device)                             # [B, 77]; "" when dropped
-        with autocast():
+        with autocast(), torch.set_grad_enabled(cfg.lora_text_encoder):          # its LoRA trains, if it has one
             context = pipe.text_encoder(ids)                                       # [B, 77, d]
         target = noise_sched.get_velocity(z0, noise, t) if prediction_type == "v_prediction" else noise
     with autocast():
@@ -859,6 +872,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt("--up-blocks", type=int, help="with --train last-up-blocks: N, counted from the output end")
     opt("--lora-rank", type=int, help="with --train lora: the rank r")
     opt("--lora-alpha", type=float, help="with --train lora: α in ΔW = α/r · B A; none: α = r")
+    opt("--lora-text-encoder", action=argparse.BooleanOptionalAction,
+        help="with --train lora: LoRA on the text encoder's q/k/v/out projections and MLP too")
     opt("--lora-export", choices=("merge", "separate"),
         help="merge: LoRA folded into OUT's weights; separate: the same, plus OUT/lora.safetensors for "
              "minidiff.lora.apply_lora on the base model")

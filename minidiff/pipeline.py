@@ -85,9 +85,17 @@ class StableDiffusion:
         None: the kind its scheduler_config.json names (PNDM for SD v1.4), as diffusers' pipelines do."""
         return make_scheduler(name or scheduler_name(self.scheduler_config), self.scheduler_config)
 
+    def load_embedding(self, path, token: str | None = None) -> list[str]:
+        """Add a textual-inversion embedding (diffusers learned_embeds.safetensors / .bin, A1111 .pt / .safetensors):
+        its word then works in prompts and negative prompts. token: overrides the name stored in the file.
+        Returns the tokens added (tok, tok_1, ... for a multi-vector embedding). See minidiff/formats/embeddings.py."""
+        from .formats.embeddings import load_embedding
+        return load_embedding(self, path, token)
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """list of B strings -> context [B, 77, d]."""
+        prompts = [self.tokenizer.expand_multi_vector(p) for p in prompts]  # tok -> tok tok_1 ... (multi-vector words)
         ids = self.tokenizer(prompts).to(self.device)  # [B, 77]
         return self.text_encoder(ids).to(self.dtype)
 
