@@ -160,7 +160,7 @@ class StableDiffusion:
             noise = latents if latents is not None else torch.randn(shape, generator=generator, dtype=self.dtype)
             latents = noise.to(self.device, self.dtype) * sched.init_noise_sigma  # drawn on the CPU, as diffusers
             start = None
-        else:
+        else:  # start part-way down: only the last int(steps·strength) steps run (diffusers' get_timesteps)
             timesteps = strength_timesteps(sched, steps, strength)
             start = self._start_from_image(image, mask_image, strength, sched, timesteps, shape, B, num_images,
                                            latents, generator)
@@ -182,7 +182,8 @@ class StableDiffusion:
             else:  # a tensor of our own: PNDM / DPM++ keep past outputs, and a U-Net compiled with CUDA graphs
                 eps = eps.clone()  # writes every call's output into the same buffer
             latents = self._step(sched, eps, t, latents, generator, eta)
-            if blend:  # 4-channel inpainting: the known region is the image, noised to the next step's level
+            if blend:  # 4-channel inpainting: the known region is the image noised to the NEXT timestep's level
+                # (diffusers' add_noise(z_0, ε, timesteps[i+1])), and the clean image after the last step
                 known = start.image_latents if i == len(timesteps) - 1 else \
                     sched.add_noise(start.image_latents, start.noise, timesteps[i + 1:i + 2])
                 latents = (1 - start.mask) * known + start.mask * latents
