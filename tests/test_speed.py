@@ -255,6 +255,11 @@ def test_generate_runs_the_chapters_modules():
     for h in handles:
         h.remove()
     assert len(calls) == len(unet_calls) >= 3                 # once per U-Net call (PNDM: steps + 1)
+    seen = []                                                 # a hook on a projection inside the stacked QKV fires too
+    handle = attn.to_k.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    _generate(pipe)
+    handle.remove()
+    assert len(seen) == len(unet_calls)
     assert [[type(m) for m in model.modules()] for model in models] == classes
     assert not any(type(m).__name__.startswith("Fast") for model in models for m in model.modules())
     for model, before in zip(models, params):

@@ -143,8 +143,10 @@ _STACKED: dict[tuple, tuple] = {}   # ids of the layers -> (key, weight, bias)
 def can_stack(*layers) -> bool:
     """Several projections of one input can run as one matmul against their stacked weights — when no weight of
     theirs needs a gradient (training runs the chapter's three matmuls), off the reference backend, and only for
-    plain linear layers (a LoRA-wrapped layer keeps its own forward)."""
+    plain linear layers that nobody is watching: a LoRA-wrapped layer keeps its own forward, and a layer with a forward
+    hook is called as itself, so the hook fires (a student's probe on `to_k` sees every call)."""
     return (_backend != "reference" and all(isinstance(m, torch.nn.Linear) for m in layers)
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in layers)
             and not (torch.is_grad_enabled() and any(p.requires_grad for m in layers for p in m.parameters())))
 
 
