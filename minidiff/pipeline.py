@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import kernels
 from .schedulers import make_scheduler, scheduler_name
+from .validation import NaNWatch, check_finite_images, check_generate_args
 
 SD_V1_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
@@ -106,7 +107,13 @@ class StableDiffusion:
         unit-variance noise [B·num_images, 4, H/8, W/8], scaled by the scheduler's initial sigma as diffusers does.
         callback(step_index, t, latents) is called after every step (latents [N, 4, h, w]).
         Returns a list of B·num_images PIL images, or with output="tensor" a tensor [N, 3, H, W] in [0, 1].
+        Bad arguments raise TypeError / ValueError naming them (minidiff.validation); NaN/inf latents during
+        sampling raise validation.NonFiniteError naming the step, instead of returning a blank image.
         """
+        check_generate_args(self, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+                            guidance_scale=guidance_scale, scheduler=scheduler, seed=seed, latents=latents,
+                            height=height, width=width, num_images=num_images, output=output, generator=generator,
+                            eta=eta, progress=progress, callback=callback)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         B = len(prompts)
         if negative_prompt is None:
@@ -144,6 +151,7 @@ class StableDiffusion:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(self.device, self.dtype) * sched.init_noise_sigma
 
+        watch = NaNWatch(len(sched.timesteps), guidance_scale)
         for i, t in enumerate(tqdm(sched.timesteps, desc="sampling", disable=not progress)):
             x = torch.cat([latents] * 2) if guided else latents            # [2N or N, 4, h, w]
             x = sched.scale_model_input(x, t)
@@ -154,10 +162,13 @@ class StableDiffusion:
             else:  # a tensor of our own: PNDM / DPM++ keep past outputs, and a U-Net compiled with CUDA graphs
                 eps = eps.clone()  # writes every call's output into the same buffer
             latents = self._step(sched, eps, t, latents, generator, eta)
+            watch.update(i, t, latents)
             if callback is not None:
                 callback(i, t, latents)
 
+        watch.check()
         images = self.decode_latents(latents)  # [N, 3, H, W] in [0, 1]
+        check_finite_images(images)
         return images if output == "tensor" else to_pil(images)
 
     @staticmethod

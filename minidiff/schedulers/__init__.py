@@ -26,10 +26,11 @@ SCHEDULERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "ddpm": DDPMSchedule
 
 def make_scheduler(name: str, config: dict | None = None, **overrides) -> Scheduler:
     """A fresh scheduler of kind `name` (a key of SCHEDULERS) on the schedule of `config` (a diffusers
-    scheduler_config.json dict of any scheduler class; None = SD v1.4's). `overrides` win over the config."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(SD_V1_CONFIG if config is None else config, **overrides)
+    scheduler_config.json dict of any scheduler class; None = SD v1.4's). `overrides` win over the config.
+    The name is case-insensitive ("DDIM" is "ddim")."""
+    if not isinstance(name, str) or name.lower() not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(sorted(SCHEDULERS))} (any case)")
+    return SCHEDULERS[name.lower()].from_config(SD_V1_CONFIG if config is None else config, **overrides)
 
 
 def scheduler_name(config: dict | None) -> str:
