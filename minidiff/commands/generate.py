@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -15,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--scheduler", default=None, choices=["pndm", "ddim", "ddpm", "euler", "dpmpp"],
+    p.add_argument("--scheduler", default=None, type=str.lower, choices=["pndm", "ddim", "ddpm", "euler", "dpmpp"],
                    help="default: the model's own (pndm for SD v1.4, ddim for the embedded model)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--num-images", type=int, default=1)
@@ -40,11 +41,17 @@ def run(args) -> int:
 
     import minidiff
 
-    pipe = minidiff.load(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
-                         compile=args.compile, ema=args.ema)
-    images = pipe.generate(args.prompt, negative_prompt=args.negative, steps=args.steps,
-                           guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
-                           height=args.height, width=args.width, num_images=args.num_images)
+    from minidiff.validation import NonFiniteError
+
+    try:  # bad input (a CheckpointError is a ValueError too) and NaN sampling: one clear line, no traceback
+        pipe = minidiff.load(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
+                             compile=args.compile, ema=args.ema)
+        images = pipe.generate(args.prompt, negative_prompt=args.negative, steps=args.steps,
+                               guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
+                               height=args.height, width=args.width, num_images=args.num_images)
+    except (ValueError, NonFiniteError) as e:
+        print(f"minidiff generate: error: {e}", file=sys.stderr)
+        return 2
     for image, path in zip(images, output_paths(args.out, len(images))):
         k = args.upscale or max(1, -(-256 // max(image.size)))  # ceil(256 / side)
         if k > 1:
