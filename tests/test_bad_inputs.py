@@ -31,7 +31,7 @@ SCHEDULER_LIST = "ddim, ddpm, dpmpp, euler, pndm"
 @pytest.fixture(scope="module")
 def pipe():
     p = minidiff.load()  # 32x32 images (latents 8x8, f = 4), DDIM by default
-    p.generate("warm-up", steps=1, seed=0, progress=False)  # applies speed.optimize once, outside the timed cases
+    p.generate("warm-up", steps=1, seed=0, progress=False)  # builds the kernels' caches once, outside the cases
     return p
 
 
@@ -145,7 +145,7 @@ def test_edges_that_are_allowed(pipe):
 
 # ---------------------------------------------------------------------------------------------- non-finite sampling
 def test_nan_unet_weights_raise_naming_the_step(pipe):
-    bad = minidiff.load()  # a fresh copy (an optimized pipe holds packed weights that do not deepcopy)
+    bad = minidiff.load()  # a fresh copy: the shared `pipe` must keep its weights
     with torch.no_grad():
         next(bad.unet.parameters()).fill_(float("nan"))
     with pytest.raises(NonFiniteError, match=r"sampling produced NaN/inf latents at step 1 of 2 \(timestep \d+\);"
@@ -161,7 +161,7 @@ def test_huge_guidance_raises_naming_the_step(pipe):
 
 @pytest.mark.parametrize("scheduler", ["pndm", "ddim", "ddpm", "euler", "dpmpp"])
 def test_nan_weights_raise_with_every_scheduler(pipe, scheduler):
-    bad = minidiff.load()  # a fresh copy (an optimized pipe holds packed weights that do not deepcopy)
+    bad = minidiff.load()  # a fresh copy: the shared `pipe` must keep its weights
     with torch.no_grad():
         for p in bad.unet.parameters():
             p.fill_(float("inf"))
@@ -170,7 +170,7 @@ def test_nan_weights_raise_with_every_scheduler(pipe, scheduler):
 
 
 def test_nan_vae_weights_raise(pipe):
-    bad = minidiff.load()  # a fresh copy (an optimized pipe holds packed weights that do not deepcopy)
+    bad = minidiff.load()  # a fresh copy: the shared `pipe` must keep its weights
     with torch.no_grad():
         for p in bad.vae.parameters():
             p.fill_(float("nan"))
