@@ -105,11 +105,12 @@ def _assign(file, tensors: dict, parts: list, skip: re.Pattern) -> list[dict]:
     """Sort the file's tensors into one state_dict per model.
 
     parts: [(model, names_fn)], names_fn(our_key) -> the file's names for it (first = canonical).
-    Raises CheckpointError for an unknown key, a missing parameter or a wrong shape.
+    Raises CheckpointError for an unknown key, a missing parameter, a wrong shape or a non-float weight.
     """
+    ours_sd = [model.state_dict() for model, _ in parts]  # once: state_dict() walks the whole module tree
     where = {}  # file key -> (part index, our key)
     for i, (model, names_fn) in enumerate(parts):
-        for ours in model.state_dict():
+        for ours in ours_sd[i]:
             for theirs in names_fn(ours):
                 where[theirs] = (i, ours)
     out = [{} for _ in parts]
@@ -120,20 +121,20 @@ def _assign(file, tensors: dict, parts: list, skip: re.Pattern) -> list[dict]:
             raise CheckpointError(f"{file}: unexpected key {theirs!r} (not part of an SD v1 model; "
                                   f"is this another architecture?)")
         i, ours = where[theirs]
-        expected = parts[i][0].state_dict()[ours].shape
+        expected = ours_sd[i][ours].shape
         if keymaps.is_compvis_vae_attention(theirs) and tensor.shape == (*expected, 1, 1):
             tensor = tensor[:, :, 0, 0]  # LDM's 1x1-conv attention projections -> our Linear weights
         if tensor.shape != expected:
             raise CheckpointError(f"{file}: shape mismatch for {theirs!r}: file has {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(expected)}")
-        if parts[i][0].state_dict()[ours].is_floating_point() and not tensor.is_floating_point():
+        if ours_sd[i][ours].is_floating_point() and not tensor.is_floating_point():
             raise CheckpointError(f"{file}: {theirs!r} has dtype {tensor.dtype}; a weight must be floating point "
                                   f"(float32, float16 or bfloat16)")
         if ours in out[i]:
             raise CheckpointError(f"{file}: {theirs!r} duplicates another spelling of the same weight ({ours!r})")
         out[i][ours] = tensor
-    for (model, names_fn), got in zip(parts, out):
-        for ours in model.state_dict():
+    for (model, names_fn), sd, got in zip(parts, ours_sd, out):
+        for ours in sd:
             if ours not in got:
                 raise CheckpointError(f"{file}: missing key {names_fn(ours)[0]!r}")
     return out
