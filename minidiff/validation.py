@@ -16,6 +16,8 @@ import numbers
 
 import torch
 
+from .schedulers import SCHEDULERS
+
 SEED_MAX = 2 ** 64 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; negatives alias big seeds, so: >= 0
 
 
@@ -88,8 +90,6 @@ def check_generate_args(pipe, *, prompt, negative_prompt=None, steps=50, guidanc
                         seed=None, latents=None, height=None, width=None, num_images=1, output="pil",
                         generator=None, eta=0.0, progress=True, callback=None) -> None:
     """Refuse any argument of StableDiffusion.generate that cannot give the image asked for (see the module doc)."""
-    from .schedulers import SCHEDULERS  # here, not at the top: the schedulers import torch's heavy parts lazily too
-
     B = _prompts("prompt", prompt)
     if negative_prompt is not None:
         _prompts("negative_prompt", negative_prompt, None if isinstance(negative_prompt, str) else B)
@@ -117,7 +117,12 @@ def check_generate_args(pipe, *, prompt, negative_prompt=None, steps=50, guidanc
         raise TypeError(f"progress must be True or False, got {show(progress)}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable (step_index, t, latents) or None, got {show(callback)}")
+    _check_size_and_latents(pipe, height, width, latents, B * num_images)
 
+
+def _check_size_and_latents(pipe, height, width, latents, n: int) -> None:
+    """height/width: None (the model's own size) or positive multiples of the VAE's factor f; latents: None or a
+    finite float tensor [n, C, height/f, width/f]."""
     f = pipe.vae_scale_factor
     size = pipe.unet.config.sample_size
     for name, v in (("height", height), ("width", width)):
@@ -132,7 +137,7 @@ def check_generate_args(pipe, *, prompt, negative_prompt=None, steps=50, guidanc
             raise ValueError(f"{name} must be a positive multiple of {f} (pixels), got {v}")
     if latents is not None:
         h, w = (height or size * f) // f, (width or size * f) // f
-        shape = (B * num_images, pipe.unet.config.in_channels, h, w)
+        shape = (n, pipe.unet.config.in_channels, h, w)
         if not isinstance(latents, torch.Tensor):
             raise TypeError(f"latents must be a torch.Tensor of shape {shape}, got {show(latents)}")
         if not latents.is_floating_point():
