@@ -94,8 +94,8 @@ def check_generate_args(pipe, *, prompt, negative_prompt=None, steps=50, guidanc
     if negative_prompt is not None:
         _prompts("negative_prompt", negative_prompt, None if isinstance(negative_prompt, str) else B)
     cfg = pipe.scheduler_config or {}
-    T = cfg.get("num_train_timesteps", 1000)
-    max_steps = T - (cfg.get("steps_offset") or 0)  # "leading" spacing adds the offset: t = T would not exist
+    T, offset = cfg.get("num_train_timesteps", 1000), cfg.get("steps_offset", 1)  # minidiff's schedulers' defaults
+    max_steps = T - (offset if _is_int(offset) else 0)  # "leading" spacing adds the offset: t = T would not exist
     _int("steps", steps, 1, max_steps)
     _real("guidance_scale", guidance_scale, lo=0)
     if scheduler is not None:
