@@ -32,6 +32,7 @@ from .clip import CLIPTextConfig, CLIPTextTransformer
 from .pipeline import SD_V1_SCHEDULER, StableDiffusion
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
+from .validation import check_config
 from .vae import AutoencoderKL, VAEConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -104,12 +105,12 @@ def _assign(file, tensors: dict, parts: list, skip: re.Pattern) -> list[dict]:
     """Sort the file's tensors into one state_dict per model.
 
     parts: [(model, names_fn)], names_fn(our_key) -> the file's names for it (first = canonical).
-    Raises CheckpointError for an unknown key, a missing parameter or a wrong shape.
+    Raises CheckpointError for an unknown key, a missing parameter, a wrong shape or a non-float weight.
     """
+    ours_sd = [model.state_dict() for model, _ in parts]  # once: state_dict() walks the whole module tree
     where = {}  # file key -> (part index, our key)
-    shapes = [{k: v.shape for k, v in model.state_dict().items()} for model, _ in parts]  # once: state_dict() is slow
     for i, (model, names_fn) in enumerate(parts):
-        for ours in shapes[i]:
+        for ours in ours_sd[i]:
             for theirs in names_fn(ours):
                 where[theirs] = (i, ours)
     out = [{} for _ in parts]
@@ -120,17 +121,20 @@ def _assign(file, tensors: dict, parts: list, skip: re.Pattern) -> list[dict]:
             raise CheckpointError(f"{file}: unexpected key {theirs!r} (not part of an SD v1 model; "
                                   f"is this another architecture?)")
         i, ours = where[theirs]
-        expected = shapes[i][ours]
+        expected = ours_sd[i][ours].shape
         if keymaps.is_compvis_vae_attention(theirs) and tensor.shape == (*expected, 1, 1):
             tensor = tensor[:, :, 0, 0]  # LDM's 1x1-conv attention projections -> our Linear weights
         if tensor.shape != expected:
             raise CheckpointError(f"{file}: shape mismatch for {theirs!r}: file has {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(expected)}")
+        if ours_sd[i][ours].is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(f"{file}: {theirs!r} has dtype {tensor.dtype}; a weight must be floating point "
+                                  f"(float32, float16 or bfloat16)")
         if ours in out[i]:
             raise CheckpointError(f"{file}: {theirs!r} duplicates another spelling of the same weight ({ours!r})")
         out[i][ours] = tensor
-    for (model, names_fn), got, shape in zip(parts, out, shapes):
-        for ours in shape:
+    for (model, names_fn), sd, got in zip(parts, ours_sd, out):
+        for ours in sd:
             if ours not in got:
                 raise CheckpointError(f"{file}: missing key {names_fn(ours)[0]!r}")
     return out
@@ -177,20 +181,40 @@ def load(path=None, device="cpu", dtype=torch.float32, ema: bool = False, unsafe
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from None
 
 
-def _config(from_fn, path: Path):
+def _config(from_fn, path: Path, kind: str):
+    """Read and check one config.json (types and ranges key by key: validation.check_config), then build it."""
+    d = _read_json(path)
     try:
-        return from_fn(_read_json(path))
+        check_config(kind, d, path)
+        return from_fn(d)
     except (ValueError, TypeError, KeyError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: unsupported model configuration: {e}") from None
+        raise _named(path, "unsupported model configuration", e) from None
+
+
+def _named(where, what: str, e: Exception) -> CheckpointError:
+    """e as a CheckpointError whose message starts with the file (check_config's messages already do)."""
+    if isinstance(e, CheckpointError):
+        return e
+    return CheckpointError(str(e) if str(e).startswith(str(where)) else f"{where}: {what}: {e}")
+
+
+def _scheduler_config(d, where) -> dict:
+    """A scheduler_config.json dict, checked now (types, ranges, and that its sampler builds) rather than at the
+    first generate()."""
+    from .schedulers import make_scheduler, scheduler_name
+    try:
+        check_config("scheduler", d, where)
+        make_scheduler(scheduler_name(d), d)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise _named(where, "unsupported scheduler configuration", e) from None
+    return d
 
 
 def _weights_file(folder: Path, stem: str) -> Path:
@@ -205,17 +229,20 @@ def _weights_file(folder: Path, stem: str) -> Path:
 
 def _load_diffusers(path: Path, device, dtype, unsafe_pickle) -> StableDiffusion:
     index = _read_json(path / "model_index.json")
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{path / 'model_index.json'}: expected a JSON object, got {type(index).__name__}")
     for key in ("text_encoder_2", "tokenizer_2", "prior", "image_encoder"):
         if index.get(key) and index[key][0]:
             raise CheckpointError(f"{path / 'model_index.json'}: has {key!r}: not an SD v1 model (SDXL or other)")
-    unet_cfg = _config(UNetConfig.from_diffusers, path / "unet" / "config.json")
-    vae_cfg = _config(VAEConfig.from_diffusers, path / "vae" / "config.json")
-    text_cfg = _config(CLIPTextConfig.from_transformers, path / "text_encoder" / "config.json")
+    unet_cfg = _config(UNetConfig.from_diffusers, path / "unet" / "config.json", "unet")
+    vae_cfg = _config(VAEConfig.from_diffusers, path / "vae" / "config.json", "vae")
+    text_cfg = _config(CLIPTextConfig.from_transformers, path / "text_encoder" / "config.json", "text_encoder")
     if text_cfg.hidden_size != unet_cfg.cross_attention_dim:
         raise CheckpointError(f"{path / 'text_encoder' / 'config.json'}: hidden_size {text_cfg.hidden_size} does not "
                               f"match the U-Net's cross_attention_dim {unet_cfg.cross_attention_dim}")
-    scheduler_cfg = _read_json(path / "scheduler" / "scheduler_config.json") \
-        if (path / "scheduler" / "scheduler_config.json").is_file() else dict(SD_V1_SCHEDULER)
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    scheduler_cfg = _scheduler_config(_read_json(sched_file), sched_file) if sched_file.is_file() \
+        else dict(SD_V1_SCHEDULER)
 
     with torch.device("meta"):
         skeletons = {"unet": UNet(unet_cfg), "vae": AutoencoderKL(vae_cfg), "text_encoder": CLIPTextTransformer(text_cfg)}
@@ -245,11 +272,7 @@ def _load_compvis(path: Path, device, dtype, ema, unsafe_pickle) -> StableDiffus
     sd, metadata = read_state_dict(path, unsafe_pickle)
     _refuse_other_architectures(path, sd)
     if "minidiff" in metadata:  # written by minidiff.save: the exact configs travel in the file
-        meta = json.loads(metadata["minidiff"])
-        unet_cfg = UNetConfig.from_diffusers(meta["unet"])
-        vae_cfg = VAEConfig.from_diffusers(meta["vae"])
-        text_cfg = CLIPTextConfig.from_transformers(meta["text_encoder"])
-        scheduler_cfg = meta.get("scheduler", dict(SD_V1_SCHEDULER))
+        unet_cfg, vae_cfg, text_cfg, scheduler_cfg = _metadata_configs(path, metadata["minidiff"])
     else:
         unet_cfg, vae_cfg, text_cfg = infer_compvis_configs(path, sd)
         scheduler_cfg = dict(SD_V1_SCHEDULER)
@@ -269,6 +292,30 @@ def _load_compvis(path: Path, device, dtype, ema, unsafe_pickle) -> StableDiffus
     return _assemble(CLIPTokenizer(), (unet_cfg, vae_cfg, text_cfg), states, scheduler_cfg, device, dtype)
 
 
+def _metadata_configs(path: Path, text: str):
+    """The configs minidiff.save wrote into a .safetensors header, checked as the config.json files are."""
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the 'minidiff' metadata is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the 'minidiff' metadata is not a JSON object")
+    configs = []
+    for kind, from_fn in (("unet", UNetConfig.from_diffusers), ("vae", VAEConfig.from_diffusers),
+                          ("text_encoder", CLIPTextConfig.from_transformers)):
+        where = f"{path} (metadata 'minidiff', {kind!r})"
+        if kind not in meta:
+            raise CheckpointError(f"{where}: missing")
+        try:
+            check_config(kind, meta[kind], where)
+            configs.append(from_fn(meta[kind]))
+        except (ValueError, TypeError, KeyError) as e:
+            raise _named(where, "unsupported model configuration", e) from None
+    scheduler = _scheduler_config(meta.get("scheduler", dict(SD_V1_SCHEDULER)),
+                                  f"{path} (metadata 'minidiff', 'scheduler')")
+    return (*configs, scheduler)
+
+
 def _refuse_other_architectures(path, sd):
     keys = list(sd)
     if any(k.startswith("conditioner.embedders.") for k in keys):
@@ -286,7 +333,8 @@ def infer_compvis_configs(path, sd: dict):
     """Read the architecture off the tensor shapes of a CompVis file (the file carries no config).
 
     What shapes cannot tell is taken from SD v1's published config: 8 attention heads, 32 norm groups,
-    64-wide CLIP heads, 64x64 latents."""
+    64-wide CLIP heads, 64x64 latents. Widths those do not divide raise CheckpointError naming the key and shape
+    (never a wrong head count, never torch's GroupNorm message)."""
     p, v, t = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
     if not any(k.startswith(t) for k in sd):
         t = "cond_stage_model.transformer."
@@ -296,6 +344,13 @@ def infer_compvis_configs(path, sd: dict):
         levels = len(downs) + 1
         first = [1 + i * (L + 1) for i in range(levels)]
         to_k = next(k for k in sd if k.startswith(p) and k.endswith("attn2.to_k.weight"))
+        vlevels = 1 + _max_index(sd, re.escape(v) + r"encoder\.down\.(\d+)\.")
+        _check_sd_v1_widths(path, sd, (
+            [(f"{p}input_blocks.{n}.0.out_layers.3.weight", 0, 32, "SD v1's U-Net has 32 GroupNorm groups, 8 heads")
+             for n in first] +
+            [(f"{v}encoder.down.{i}.block.0.conv2.weight", 0, 32, "SD v1's VAE has 32 GroupNorm groups")
+             for i in range(vlevels)] +
+            [(t + "embeddings.token_embedding.weight", 1, 64, "SD v1's CLIP text encoder has 64-wide heads")]))
         unet = UNetConfig(
             in_channels=sd[p + "input_blocks.0.0.weight"].shape[1],
             out_channels=sd[p + "out.2.weight"].shape[0],
@@ -303,24 +358,42 @@ def infer_compvis_configs(path, sd: dict):
             layers_per_block=L,
             cross_attention=tuple(f"{p}input_blocks.{n}.1.proj_in.weight" in sd for n in first),
             cross_attention_dim=sd[to_k].shape[1])
-        vlevels = 1 + max(int(m[1]) for k in sd if (m := re.match(re.escape(v) + r"encoder\.down\.(\d+)\.", k)))
         vae = VAEConfig(
             in_channels=sd[v + "encoder.conv_in.weight"].shape[1],
             out_channels=sd[v + "decoder.conv_out.weight"].shape[0],
             block_out_channels=tuple(sd[f"{v}encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(vlevels)),
-            layers_per_block=1 + max(int(m[1]) for k in sd if (m := re.match(re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.", k))),
+            layers_per_block=1 + _max_index(sd, re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\."),
             latent_channels=sd[v + "post_quant_conv.weight"].shape[0])
         tok = sd[t + "embeddings.token_embedding.weight"]
         width = tok.shape[1]
         text = CLIPTextConfig(
             vocab_size=tok.shape[0], hidden_size=width,
             intermediate_size=sd[t + "encoder.layers.0.mlp.fc1.weight"].shape[0],
-            num_hidden_layers=1 + max(int(m[1]) for k in sd if (m := re.match(re.escape(t) + r"encoder\.layers\.(\d+)\.", k))),
-            num_attention_heads=max(1, width // 64),
+            num_hidden_layers=1 + _max_index(sd, re.escape(t) + r"encoder\.layers\.(\d+)\."),
+            num_attention_heads=width // 64,
             max_position_embeddings=sd[t + "embeddings.position_embedding.weight"].shape[0])
-    except (KeyError, StopIteration, ValueError) as e:
+    except (KeyError, StopIteration) as e:
         raise CheckpointError(f"{path}: cannot read an SD v1 architecture from the file's shapes (missing {e})") from None
+    except (ValueError, IndexError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: the file's shapes do not fit SD v1's architecture: {e}") from None
     return unet, vae, text
+
+
+def _max_index(sd: dict, pattern: str) -> int:
+    """The largest number that `pattern`'s group 1 captures at the start of a key; -1 when no key matches."""
+    return max((int(m[1]) for k in sd if (m := re.match(pattern, k))), default=-1)
+
+
+def _check_sd_v1_widths(path, sd, widths):
+    """widths: [(key, dim, divisor, why)]: the size of dimension `dim` of the key's tensor must divide by `divisor`."""
+    for key, dim, divisor, why in widths:
+        shape = tuple(sd[key].shape)
+        width = shape[dim] if len(shape) > dim else None
+        if width is None or width % divisor:
+            raise CheckpointError(f"{path}: {key!r} has shape {shape}: its width {width} is not a multiple of "
+                                  f"{divisor} ({why}); this file does not fit SD v1's architecture")
 
 
 # --------------------------------------------------------------------------------------------------- save

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 SUBCOMMANDS = {
@@ -21,6 +22,29 @@ SUBCOMMANDS = {
 }
 
 
+# import name -> what pip installs it as (pyproject.toml's dependencies)
+RUNTIME_DEPENDENCIES = {"torch": "torch", "numpy": "numpy", "einops": "einops", "tokenizers": "tokenizers",
+                        "safetensors": "safetensors", "PIL": "pillow", "tqdm": "tqdm"}
+
+
+def missing_dependency_message(module: str) -> str:
+    """What to tell someone whose Python lacks one of minidiff's runtime dependencies."""
+    what = RUNTIME_DEPENDENCIES[module]
+    how = ("pip install torch   (for a CPU-only build: pip install torch --index-url "
+           "https://download.pytorch.org/whl/cpu)" if what == "torch" else f"pip install {what}")
+    return (f"minidiff: error: {what} is not installed in this Python ({sys.executable}); minidiff needs it.\n"
+            f"  install it:   {how}\n"
+            f"  or, in a checkout of minidiff, run `make demo` (or `make setup`): it installs torch and every "
+            f"other dependency, then draws a first image.")
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="minidiff", description="Stable Diffusion v1.4 from scratch.")
@@ -29,8 +53,15 @@ def main(argv=None) -> int:
         sub.add_parser(name, help=help_, add_help=False)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.error(f"unknown command {argv[0]!r}")
+        if not argv and not _importable("torch"):  # a bare `minidiff` is how a new user finds out what is missing
+            print("\n" + missing_dependency_message("torch"), file=sys.stderr)
+            return 1
         return 0
     name = argv[0]
+    missing = [m for m in RUNTIME_DEPENDENCIES if not _importable(m)]  # find_spec only: nothing heavy is imported
+    if missing:
+        print(missing_dependency_message(missing[0]), file=sys.stderr)
+        return 1
     module = importlib.import_module(SUBCOMMANDS[name][0])
     cmd = argparse.ArgumentParser(prog=f"minidiff {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(cmd)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from . import images, kernels
 from . import prompts as prompts_mod
 from .schedulers import make_scheduler, scheduler_name
+from .validation import NaNWatch, check_finite_images, check_generate_args
 
 SD_V1_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
@@ -140,9 +141,13 @@ class StableDiffusion:
         known region back after every step; a 9-channel inpainting U-Net also sees the mask and the masked image.
         callback(step_index, t, latents) is called after every step (latents [N, 4, h, w]).
         Returns a list of B·num_images PIL images, or with output="tensor" a tensor [N, 3, H, W] in [0, 1].
+        Bad arguments raise TypeError / ValueError naming them (minidiff.validation); NaN/inf latents during
+        sampling raise validation.NonFiniteError naming the step, instead of returning a blank image.
         """
-        if output not in ("pil", "tensor"):
-            raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
+        check_generate_args(self, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+                            guidance_scale=guidance_scale, scheduler=scheduler, seed=seed, latents=latents,
+                            height=height, width=width, num_images=num_images, output=output, generator=generator,
+                            eta=eta, progress=progress, callback=callback, prompt_embeds=prompt_embeds)
         inpaint_unet = self._check_unet_inputs(image, mask_image)
         f = self.vae_scale_factor
         if image is not None:
@@ -184,6 +189,7 @@ class StableDiffusion:
             extra = torch.cat([start.mask, start.masked_latents], dim=1)
             extra = torch.cat([extra] * 2) if guided else extra
 
+        watch = NaNWatch(len(timesteps), guidance_scale)   # non-finite latents raise, naming the step
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress)):
             x = torch.cat([latents] * 2) if guided else latents            # [2N or N, 4, h, w]
             x = sched.scale_model_input(x, t)
@@ -201,10 +207,13 @@ class StableDiffusion:
                 known = start.image_latents if i == len(timesteps) - 1 else \
                     sched.add_noise(start.image_latents, start.noise, timesteps[i + 1:i + 2])
                 latents = (1 - start.mask) * known + start.mask * latents
+            watch.update(i, t, latents)
             if callback is not None:
                 callback(i, t, latents)
 
+        watch.check()
         images_out = self.decode_latents(latents)  # [N, 3, H, W] in [0, 1]
+        check_finite_images(images_out)
         return images_out if output == "tensor" else to_pil(images_out)
 
     def _check_unet_inputs(self, image, mask_image) -> bool:

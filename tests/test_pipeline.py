@@ -83,7 +83,7 @@ def test_callback_sees_every_step(pipes):
 
 def test_bad_arguments(pipes):
     pipe, _ = pipes
-    with pytest.raises(ValueError, match="multiples of 2"):
+    with pytest.raises(ValueError, match=r"height must be a positive multiple of 2 \(pixels\), got 17"):
         pipe.generate("x", height=17, steps=1, progress=False)
     with pytest.raises(ValueError, match="negative_prompt has 1 entries but prompt has 2"):
         pipe.generate(["a", "b"], negative_prompt=["c"], steps=1, progress=False)

@@ -3,6 +3,7 @@ with `--image in.png [--strength 0.6]` image to image, with `--mask mask.png` to
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -48,6 +49,8 @@ def run(args) -> int:
 
     import minidiff
 
+    from minidiff.validation import NonFiniteError
+
     if args.mask and not args.image:
         raise SystemExit("minidiff generate: --mask needs --image (the picture to inpaint)")
     pictures = {}
@@ -61,11 +64,15 @@ def run(args) -> int:
                                  f"cannot read it as an image ({e})") from None
     if pictures:
         pictures["strength"] = args.strength
-    pipe = minidiff.load(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
-                         compile=args.compile, ema=args.ema)
-    images = pipe.generate(args.prompt, negative_prompt=args.negative, steps=args.steps,
-                           guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
-                           height=args.height, width=args.width, num_images=args.num_images, **pictures)
+    try:  # bad input (a CheckpointError is a ValueError too) and NaN sampling: one clear line, no traceback
+        pipe = minidiff.load(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
+                             compile=args.compile, ema=args.ema)
+        images = pipe.generate(args.prompt, negative_prompt=args.negative, steps=args.steps,
+                               guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
+                               height=args.height, width=args.width, num_images=args.num_images, **pictures)
+    except (ValueError, NonFiniteError) as e:
+        print(f"minidiff generate: error: {e}", file=sys.stderr)
+        return 2
     for image, path in zip(images, output_paths(args.out, len(images))):
         k = args.upscale or max(1, -(-256 // max(image.size)))  # ceil(256 / side)
         if k > 1:

@@ -1,0 +1,299 @@
+"""Door checks: bad input is refused where it comes in, with a message that names the argument, the value and what is
+allowed — never a raw error from deep inside torch, never a silently wrong image.
+
+    check_generate_args(pipe, prompt=..., steps=..., ...)   every public argument of StableDiffusion.generate
+    check_config("unet", d, where)                           a config.json dict, before any model is built
+    NaNWatch                                                 NaN / inf latents during sampling -> NonFiniteError
+
+Wrong type -> TypeError, right type but out of range -> ValueError (CheckpointError, a ValueError, for files).
+Non-finite numbers during sampling raise NonFiniteError (a FloatingPointError) naming the step: a NaN image is never
+returned. The choice to raise (not warn) is deliberate: a NaN never heals, so every later step would be wasted work.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .schedulers import SCHEDULER_NAMES
+
+SEED_MAX = 2 ** 64 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; negatives alias big seeds, so: >= 0
+
+
+class NonFiniteError(FloatingPointError):
+    """Sampling produced NaN or inf (NaN weights, a huge guidance_scale, fp16 overflow, ...)."""
+
+
+# ------------------------------------------------------------------------------------------------ small predicates
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def show(v) -> str:
+    """A value as an error message shows it: its repr (shortened) and, when that is ambiguous, its type."""
+    r = repr(v)
+    r = r if len(r) <= 60 else r[:57] + "..."
+    return r if isinstance(v, (int, float, str, type(None))) and not isinstance(v, bool) else f"{r} ({type(v).__name__})"
+
+
+def _int(name: str, v, lo: int, hi: int | None = None) -> None:
+    allowed = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi}]"
+    if not _is_int(v):
+        raise TypeError(f"{name} must be {allowed}, got {show(v)}")
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be {allowed}, got {v}")
+
+
+def _real(name: str, v, lo: float | None = None, hi: float | None = None) -> None:
+    rng = "" if lo is None and hi is None else f" >= {lo}" if hi is None else f" in [{lo}, {hi}]"
+    if not _is_real(v):
+        raise TypeError(f"{name} must be a finite number{rng}, got {show(v)}")
+    if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be a finite number{rng}, got {v}")
+
+
+def _text(name: str, s: str) -> None:
+    """A str that tokenizers can take: it must encode as UTF-8 (a lone surrogate, e.g. from a non-UTF-8 argv, cannot)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} contains {s[e.start:e.end]!r} at position {e.start}, which is not valid Unicode text "
+                         f"(a lone surrogate: was it read from a non-UTF-8 file or command line?); "
+                         f"pass text that encodes as UTF-8") from None
+
+
+def _prompts(name: str, v, n: int | None = None) -> int:
+    """A str or a non-empty list of str (of length n when given) -> how many prompts."""
+    if isinstance(v, str):
+        _text(name, v)
+        return 1
+    if not isinstance(v, (list, tuple)):
+        raise TypeError(f"{name} must be a str or a list of str, got {show(v)}")
+    if not v:
+        raise ValueError(f"{name} must be a str or a non-empty list of str, got an empty {type(v).__name__}")
+    for i, s in enumerate(v):
+        if not isinstance(s, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {show(s)}")
+        _text(f"{name}[{i}]", s)
+    if n is not None and len(v) != n:
+        raise ValueError(f"{name} has {len(v)} entries but prompt has {n}: give one per prompt, or a single str")
+    return len(v)
+
+
+# ------------------------------------------------------------------------------------------------ generate()
+def check_generate_args(pipe, *, prompt, negative_prompt=None, steps=50, guidance_scale=7.5, scheduler=None,
+                        seed=None, latents=None, height=None, width=None, num_images=1, output="pil",
+                        generator=None, eta=0.0, progress=True, callback=None, prompt_embeds=None) -> None:
+    """Refuse any argument of StableDiffusion.generate that cannot give the image asked for (see the module doc).
+    prompt may be None when prompt_embeds is given (its shape is checked by the pipeline)."""
+    if prompt is None and prompt_embeds is not None:
+        B = None
+    else:
+        B = _prompts("prompt", prompt)
+    if negative_prompt is not None:
+        _prompts("negative_prompt", negative_prompt, None if isinstance(negative_prompt, str) or B is None else B)
+    cfg = pipe.scheduler_config or {}
+    T, offset = cfg.get("num_train_timesteps", 1000), cfg.get("steps_offset", 1)  # minidiff's schedulers' defaults
+    max_steps = T - (offset if _is_int(offset) else 0)  # "leading" spacing adds the offset: t = T would not exist
+    _int("steps", steps, 1, max_steps)
+    _real("guidance_scale", guidance_scale, lo=0)
+    if scheduler is not None:
+        if not isinstance(scheduler, str):
+            raise TypeError(f"scheduler must be None or one of {', '.join(SCHEDULER_NAMES)}, got {show(scheduler)}")
+        if scheduler.lower() not in SCHEDULER_NAMES:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_NAMES)} (any case), got {scheduler!r}")
+    if seed is not None:
+        _int("seed", seed, 0, SEED_MAX)
+        if generator is not None:
+            raise ValueError("pass seed= or generator=, not both (the generator would win and the seed be ignored)")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {show(generator)}")
+    _int("num_images", num_images, 1)
+    if output not in ("pil", "tensor"):
+        raise ValueError(f"output must be 'pil' or 'tensor', got {show(output)}")
+    _real("eta", eta, 0, 1)  # DDIM's η: 0 = deterministic, 1 = DDPM's variance; > 1 asks for a negative variance
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {show(progress)}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (step_index, t, latents) or None, got {show(callback)}")
+    _check_size_and_latents(pipe, height, width, latents, B * num_images)
+
+
+def _check_size_and_latents(pipe, height, width, latents, n: int) -> None:
+    """height/width: None (the model's own size) or positive multiples of the VAE's factor f; latents: None or a
+    finite float tensor [n, C, height/f, width/f]."""
+    f = pipe.vae_scale_factor
+    size = pipe.unet.config.sample_size
+    for name, v in (("height", height), ("width", width)):
+        if v is None:
+            if not _is_int(size):
+                raise ValueError(f"{name}=None means the model's own size, but its U-Net config has sample_size="
+                                 f"{size!r}; pass height= and width= (positive multiples of {f})")
+            continue
+        if not _is_int(v):
+            raise TypeError(f"{name} must be a positive multiple of {f} (pixels), got {show(v)}")
+        if v <= 0 or v % f:
+            raise ValueError(f"{name} must be a positive multiple of {f} (pixels), got {v}")
+    if latents is not None:
+        h, w = (height or size * f) // f, (width or size * f) // f
+        shape = (n, pipe.unet.config.in_channels, h, w)
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor of shape {shape}, got {show(latents)}")
+        if not latents.is_floating_point():
+            raise TypeError(f"latents must be a floating-point tensor, got dtype {latents.dtype}")
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} (prompts x num_images, channels, height/{f}, "
+                             f"width/{f}), got {tuple(latents.shape)}")
+        if not torch.isfinite(latents).all():
+            bad = int((~torch.isfinite(latents)).sum())
+            raise ValueError(f"latents must be finite, got {bad} NaN/inf values of {latents.numel()}")
+
+
+# ------------------------------------------------------------------------------------------------ during sampling
+class NaNWatch:
+    """Notes the first sampling step whose latents hold NaN or inf, and raises NonFiniteError naming it.
+
+    On the CPU it checks at once (and stops the wasted steps); on an accelerator it keeps one flag per step on the
+    device and looks once, at the end, so sampling never waits for a device-to-host copy mid-loop."""
+
+    HINT = ("the likely causes are NaN/inf weights in the model, a guidance_scale too large "
+            "(this run: {g}), or float16 overflow (try dtype=torch.float32 or torch.bfloat16)")
+
+    def __init__(self, steps: int, guidance_scale: float):
+        self.steps, self.guidance_scale = steps, guidance_scale
+        self.flags: list[tuple[int, object, torch.Tensor]] = []  # (step index, t, finite? [] bool on device)
+
+    def update(self, i: int, t, latents: torch.Tensor) -> None:
+        finite = torch.isfinite(latents).all()
+        if latents.device.type == "cpu":
+            if not finite:
+                self._raise(i, t)
+        else:
+            self.flags.append((i, t, finite))
+
+    def check(self) -> None:
+        """Call after the loop (a no-op on the CPU, where update() already raised)."""
+        if self.flags and not bool(torch.stack([f for _, _, f in self.flags]).all()):
+            i, t, _ = next(x for x in self.flags if not bool(x[2]))
+            self._raise(i, t)
+
+    def _raise(self, i, t):
+        t = t.item() if isinstance(t, torch.Tensor) else t
+        raise NonFiniteError(f"sampling produced NaN/inf latents at step {i + 1} of {self.steps} (timestep {t}); "
+                             "the image would be blank. " + self.HINT.format(g=self.guidance_scale))
+
+
+def check_finite_images(images: torch.Tensor) -> None:
+    """The VAE's output: NaN here (with finite latents) means NaN/inf weights in the VAE decoder."""
+    if not torch.isfinite(images).all():
+        raise NonFiniteError("the VAE decoder produced NaN/inf pixels from finite latents; its weights are likely "
+                             "NaN/inf (or float16 overflowed: the VAE should run in float32)")
+
+
+# ------------------------------------------------------------------------------------------------ config files
+def _pos_int(v):
+    return _is_int(v) and v >= 1
+
+
+def _nonneg_int(v):
+    return _is_int(v) and v >= 0
+
+
+def _pos_real(v):
+    return _is_real(v) and math.isfinite(v) and v > 0
+
+
+def _ints(v):
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(_pos_int(c) for c in v)
+
+
+def _int_or_ints(v):
+    return _pos_int(v) or _ints(v)
+
+
+def _strs(v):
+    return isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v)
+
+
+def _opt(pred):
+    return lambda v: v is None or pred(v)
+
+
+POS_INT = (_pos_int, "an int >= 1")
+NONNEG_INT = (_nonneg_int, "an int >= 0")
+POS_REAL = (_pos_real, "a finite number > 0")
+BOOL = (lambda v: isinstance(v, bool), "true or false")
+STR = (lambda v: isinstance(v, str), "a string")
+INTS = (_ints, "a non-empty list of ints >= 1")
+INT_OR_INTS = (_int_or_ints, "an int >= 1 or a list of them")
+STRS = (_strs, "a list of strings")
+
+# key of the config file -> (test, what is allowed). Only the keys present are checked; unknown keys are the
+# config classes' business (they refuse what they do not build).
+CONFIG_SPECS = {
+    "unet": {
+        "in_channels": POS_INT, "out_channels": POS_INT, "block_out_channels": INTS,
+        "layers_per_block": INT_OR_INTS, "attention_head_dim": INT_OR_INTS, "cross_attention_dim": INT_OR_INTS,
+        "transformer_layers_per_block": INT_OR_INTS, "norm_num_groups": POS_INT, "norm_eps": POS_REAL,
+        "flip_sin_to_cos": BOOL, "freq_shift": NONNEG_INT, "down_block_types": STRS, "up_block_types": STRS,
+        "sample_size": (_opt(_pos_int), "an int >= 1 or null"), "act_fn": STR,
+    },
+    "vae": {
+        "in_channels": POS_INT, "out_channels": POS_INT, "latent_channels": POS_INT, "block_out_channels": INTS,
+        "layers_per_block": POS_INT, "norm_num_groups": POS_INT, "scaling_factor": POS_REAL,
+        "sample_size": (lambda v: _pos_int(v) or (_ints(v) and len(v) == 2), "an int >= 1 or [height, width]"),
+        "use_quant_conv": BOOL, "use_post_quant_conv": BOOL, "force_upcast": BOOL, "act_fn": STR,
+        "down_block_types": STRS, "up_block_types": STRS,
+    },
+    "text_encoder": {
+        "vocab_size": POS_INT, "hidden_size": POS_INT, "intermediate_size": POS_INT, "num_hidden_layers": POS_INT,
+        "num_attention_heads": POS_INT, "max_position_embeddings": POS_INT, "projection_dim": POS_INT,
+        "layer_norm_eps": POS_REAL, "hidden_act": STR, "pad_token_id": (_opt(_nonneg_int), "an int >= 0 or null"),
+        "bos_token_id": (_opt(_nonneg_int), "an int >= 0 or null"),
+        "eos_token_id": (_opt(_nonneg_int), "an int >= 0 or null"),
+    },
+    "scheduler": {
+        "num_train_timesteps": POS_INT, "beta_start": POS_REAL, "beta_end": POS_REAL, "beta_schedule": STR,
+        "trained_betas": (_opt(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and
+                                         all(_is_real(b) and 0 < b < 1 for b in v)),
+                          "null or a non-empty list of numbers in (0, 1)"),
+        "steps_offset": NONNEG_INT, "clip_sample": BOOL, "clip_sample_range": POS_REAL, "set_alpha_to_one": BOOL,
+        "skip_prk_steps": BOOL, "prediction_type": STR, "timestep_spacing": STR, "rescale_betas_zero_snr": BOOL,
+        "thresholding": BOOL, "variance_type": (_opt(lambda v: isinstance(v, str)), "a string or null"),
+        "use_karras_sigmas": BOOL, "sigma_min": (_opt(_pos_real), "a finite number > 0 or null"),
+        "sigma_max": (_opt(_pos_real), "a finite number > 0 or null"), "solver_order": POS_INT,
+        "lower_order_final": BOOL, "euler_at_final": BOOL, "final_sigmas_type": STR, "solver_type": STR,
+        "lambda_min_clipped": (lambda v: _is_real(v) and not math.isnan(v), "a number (-inf allowed)"),
+    },
+}
+
+
+def check_config(kind: str, d, where) -> None:
+    """Check a config dict ("unet" | "vae" | "text_encoder" | "scheduler") by type and range, key by key, and the
+    widths that must split evenly. Raises ValueError naming `where` (the file), the key, its value and what is allowed.
+    Runs before the config classes see the dict, so nothing fails later with a raw TypeError."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {show(d)}")
+    if kind == "text_encoder" and d.get("model_type") == "clip" and isinstance(d.get("text_config"), dict):
+        d = d["text_config"]  # a whole CLIPModel config: the text tower's part
+    for key, (ok, allowed) in CONFIG_SPECS[kind].items():
+        if key in d and not ok(d[key]):
+            raise ValueError(f"{where}: {key!r} is {show(d[key])}; expected {allowed}")
+    groups = d.get("norm_num_groups", 32)
+    for c in d.get("block_out_channels", ()) if kind in ("unet", "vae") else ():
+        if c % groups:
+            raise ValueError(f"{where}: block_out_channels {list(d['block_out_channels'])} do not split into "
+                             f"norm_num_groups={groups} groups ({c} % {groups} = {c % groups})")
+    if kind == "text_encoder":
+        width, heads = d.get("hidden_size", 512), d.get("num_attention_heads", 8)  # transformers' CLIP defaults
+        if width % heads:
+            raise ValueError(f"{where}: hidden_size {width} does not split into num_attention_heads={heads} heads")
+    if kind == "scheduler" and d.get("trained_betas") is None and "beta_start" in d and "beta_end" in d:
+        if d["beta_start"] >= d["beta_end"] or d["beta_end"] >= 1:
+            raise ValueError(f"{where}: beta_start={d['beta_start']} and beta_end={d['beta_end']} must satisfy "
+                             f"0 < beta_start < beta_end < 1")
