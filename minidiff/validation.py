@@ -91,8 +91,10 @@ def check_generate_args(pipe, *, prompt, negative_prompt=None, steps=50, guidanc
                         generator=None, eta=0.0, progress=True, callback=None, prompt_embeds=None) -> None:
     """Refuse any argument of StableDiffusion.generate that cannot give the image asked for (see the module doc).
     prompt may be None when prompt_embeds is given (its shape is checked by the pipeline)."""
-    if prompt is None and prompt_embeds is not None:
-        B = None
+    if (prompt is None) == (prompt_embeds is None):
+        raise ValueError("pass either prompt or prompt_embeds (exactly one of them)")
+    if prompt is None:
+        B = prompt_embeds.shape[0] if isinstance(prompt_embeds, torch.Tensor) and prompt_embeds.ndim == 3 else None
     else:
         B = _prompts("prompt", prompt)
     if negative_prompt is not None:
@@ -121,7 +123,8 @@ def check_generate_args(pipe, *, prompt, negative_prompt=None, steps=50, guidanc
         raise TypeError(f"progress must be True or False, got {show(progress)}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable (step_index, t, latents) or None, got {show(callback)}")
-    _check_size_and_latents(pipe, height, width, latents, B * num_images)
+    if B is not None:   # a malformed prompt_embeds is refused by the pipeline, naming its shape
+        _check_size_and_latents(pipe, height, width, latents, B * num_images)
 
 
 def _check_size_and_latents(pipe, height, width, latents, n: int) -> None:

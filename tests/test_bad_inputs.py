@@ -25,7 +25,7 @@ from minidiff.checkpoint import DEFAULT_MODEL
 from minidiff.validation import NonFiniteError
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEDULER_LIST = "ddim, ddpm, dpmpp, euler, pndm"
+SCHEDULER_LIST = "ddim, ddpm, dpmpp, dpmpp_karras, euler, euler_a, euler_karras, lms, lms_karras, pndm"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def run(pipe, **kwargs):
 GENERATE_CASES = [
     # prompt / negative_prompt
     (dict(prompt=5), TypeError, r"prompt must be a str or a list of str, got 5"),
-    (dict(prompt=None), TypeError, r"prompt must be a str or a list of str, got None"),
+    (dict(prompt=None), ValueError, r"pass either prompt or prompt_embeds \(exactly one of them\)"),
     (dict(prompt=b"a cat"), TypeError, r"prompt must be a str or a list of str, got b'a cat' \(bytes\)"),
     (dict(prompt=[]), ValueError, r"prompt must be a str or a non-empty list of str, got an empty list"),
     (dict(prompt=["a cat", 3]), TypeError, r"prompt\[1\] must be a str, got 3"),
