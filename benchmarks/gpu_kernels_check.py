@@ -29,9 +29,11 @@ if "--smoke" in sys.argv[1:]:   # the interpreter must be chosen before triton i
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from _common import md_table, versions  # noqa: E402  (puts the repository on sys.path)
+from _common import REPO, md_table, versions  # noqa: E402  (puts the repository on sys.path)
+
+sys.path.insert(0, str(REPO / "tests"))
+from triton_cases import reference_op, triton_op  # noqa: E402  (the same cases the interpreter tests run)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCES = {"fp32": dict(atol=1e-4, rtol=1e-4), "bf16": dict(atol=2e-2, rtol=2e-2),
@@ -80,34 +82,6 @@ def make_inputs(op, args, dtype, device):
     return [rand(*shape), rand(shape[-1]) if args["bias"] else None, rand(*shape) if args["residual"] else None]
 
 
-def torch_op(op, args, inputs):
-    """The reference: plain torch (run in float64 for the truth, in the input dtype for torch's own error)."""
-    if op == "group_norm":
-        x, w, b = inputs
-        y = F.group_norm(x, args["groups"], w, b, 1e-5)
-        return F.silu(y) if args["silu"] else y
-    if op == "layer_norm":
-        x, w, b = inputs
-        return F.layer_norm(x, x.shape[-1:], w, b, 1e-5)
-    if op == "geglu":
-        a, gate = inputs[0].chunk(2, dim=-1)
-        return a * F.gelu(gate)
-    y, bias, res = inputs
-    z = y if bias is None else y + bias
-    z = F.gelu(z) if args["gelu"] else z
-    return z if res is None else z + res
-
-
-def our_op(K, op, args, inputs):
-    if op == "group_norm":
-        return K.group_norm(*inputs, args["groups"], 1e-5, args["silu"])
-    if op == "layer_norm":
-        return K.layer_norm(*inputs, 1e-5)
-    if op == "geglu":
-        return K.geglu(inputs[0])
-    return K.bias_act_residual(inputs[0], inputs[1], args["gelu"], inputs[2])
-
-
 def forward_backward(fn, inputs, grad):
     """-> (output, gradients of the present inputs)."""
     leaves = [t for t in inputs if t is not None]
@@ -133,11 +107,11 @@ def correctness(K, op, args, dname, device) -> tuple[list[str], bool]:
     """-> ([fwd ours, fwd torch, bwd ours (worst gradient), bwd torch], passed)."""
     dtype = DTYPES[dname]
     inputs = make_inputs(op, args, dtype, device)
-    grad = torch.randn(torch_op(op, args, inputs).shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    grad = torch.randn(reference_op(op, args, inputs).shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     ref_in = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
-    want = forward_backward(lambda i: torch_op(op, args, i), ref_in, grad.double())
-    ours = forward_backward(lambda i: our_op(K, op, args, i), inputs, grad)
-    theirs = forward_backward(lambda i: torch_op(op, args, i), inputs, grad)
+    want = forward_backward(lambda i: reference_op(op, args, i), ref_in, grad.double())
+    ours = forward_backward(lambda i: triton_op(K, op, args, i), inputs, grad)
+    theirs = forward_backward(lambda i: reference_op(op, args, i), inputs, grad)
     tol, ok = TOLERANCES[dname], True
     cells = []
     for part in (0, 1):   # 0: the output, 1: the gradients (the worst one shown)
@@ -159,11 +133,11 @@ def timing(K, op, args, dname, device) -> list[str]:
     """-> [fwd ours ms, fwd torch ms, fwd ×, fwd+bwd ours ms, fwd+bwd torch ms, fwd+bwd ×] (× = torch ÷ ours)."""
     import triton.testing
     inputs = make_inputs(op, args, DTYPES[dname], device)
-    grad = torch.randn_like(torch_op(op, args, inputs))
+    grad = torch.randn_like(reference_op(op, args, inputs))
     cells = []
     for backward in (False, True):
         ms = []
-        for fn in (lambda i: our_op(K, op, args, i), lambda i: torch_op(op, args, i)):
+        for fn in (lambda i: triton_op(K, op, args, i), lambda i: reference_op(op, args, i)):
             if backward:
                 call = lambda fn=fn: forward_backward(fn, inputs, grad)  # noqa: E731
             else:
@@ -181,7 +155,7 @@ def compiled(K, op, args, dname, device) -> tuple[str, bool]:
     inputs = make_inputs(op, args, DTYPES[dname], device)
 
     def f(*i):
-        return our_op(K, op, args, list(i)) * 2
+        return triton_op(K, op, args, list(i)) * 2
     cf = torch.compile(f, fullgraph=True)   # a graph break raises here
     grad = torch.randn_like(f(*inputs))
     want = forward_backward(lambda i: f(*i), inputs, grad)

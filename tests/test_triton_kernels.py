@@ -20,6 +20,9 @@ import sys
 import pytest
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as a script in the subprocess too
+from triton_cases import reference_op, triton_op  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # |ours − reference| ≤ atol + rtol · |reference|, per dtype of the inputs. fp32: the kernels' fp32 sums in another
@@ -51,36 +54,6 @@ DTYPES = list(TOLERANCES)
 
 
 # ----------------------------------------------------------------------------------- the checks (in the subprocess)
-def _reference(op, args, inputs):
-    """The plain-torch function (float64 in, float64 out)."""
-    F = torch.nn.functional
-    if op == "group_norm":
-        x, w, b = inputs
-        y = F.group_norm(x, args["groups"], w, b, 1e-5)
-        return F.silu(y) if args["silu"] else y
-    if op == "layer_norm":
-        x, w, b = inputs
-        return F.layer_norm(x, x.shape[-1:], w, b, 1e-5)
-    if op == "geglu":
-        a, gate = inputs[0].chunk(2, dim=-1)
-        return a * F.gelu(gate)
-    y, bias, res = inputs
-    z = y if bias is None else y + bias
-    z = F.gelu(z) if args["gelu"] else z
-    return z if res is None else z + res
-
-
-def _ours(K, op, args, inputs):
-    if op == "group_norm":
-        return K.group_norm(*inputs, args["groups"], 1e-5, args["silu"])
-    if op == "layer_norm":
-        return K.layer_norm(*inputs, 1e-5)
-    if op == "geglu":
-        return K.geglu(inputs[0])
-    y, bias, res = inputs
-    return K.bias_act_residual(y, bias, args["gelu"], res)
-
-
 def _inputs(op, args, dtype):
     """Input tensors in `dtype` (weights and biases in fp32, as a module under autocast keeps them); None = absent."""
     shape = args["shape"]
@@ -104,7 +77,7 @@ def run_checks() -> list[dict]:
             dtype, tol = getattr(torch, dname), TOLERANCES[dname]
             inputs = [t if t is None else t.requires_grad_() for t in _inputs(op, args, dtype)]
             ref_in = [t if t is None else t.detach().double().requires_grad_() for t in inputs]
-            out, ref = _ours(K, op, args, inputs), _reference(op, args, ref_in)
+            out, ref = triton_op(K, op, args, inputs), reference_op(op, args, ref_in)
             grad = torch.randn(ref.shape).to(dtype)
             leaves = [i for i, t in enumerate(inputs) if t is not None]
             got = torch.autograd.grad(out, [inputs[i] for i in leaves], grad)
