@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "train-tiny":   ("minidiff.tiny",              "train the tiny shapes model (VAE, CLIP, U-Net) from scratch on the CPU"),
     "data":         ("minidiff.data.pokemon",      "build a dataset folder (imagefolder + metadata.jsonl)"),
     "annotate":     ("minidiff.annotate",          "review and edit captions in a local web page"),
-    "finetune":     ("minidiff.finetune",          "fine-tune an SD v1 model on a captioned image folder"),
+    "finetune":     ("minidiff.commands.finetune",         "fine-tune an SD v1 model on a captioned image folder"),
     "compare":      ("minidiff.compare",           "render a base-vs-tuned comparison grid"),
 }
 

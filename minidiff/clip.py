@@ -203,6 +203,20 @@ class CLIPTextTransformer(nn.Module):
         x = self.encoder(x, mask=mask, causal=True)             # [B, L, d]
         return self.final_layer_norm(x)
 
+    @torch.no_grad()
+    def resize_token_embeddings(self, n: int) -> nn.Embedding:
+        """Grow (or cut) the token table to n rows, keeping the old rows bit for bit; new rows start at zero.
+        config.vocab_size follows. -> the new table (for textual-inversion vectors added to the vocabulary)."""
+        old = self.embeddings.token_embedding
+        new = nn.Embedding(n, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        new.weight.zero_()
+        k = min(n, old.num_embeddings)
+        new.weight[:k] = old.weight[:k]
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.embeddings.token_embedding = new
+        self.config.vocab_size = n
+        return new
+
     def eos_positions(self, ids):
         """[B] index of the token that sums up each prompt: the first <|endoftext|> (transformers-5's rule).
 

@@ -129,12 +129,8 @@ def save_lora(model: nn.Module, path, extra_metadata: dict | None = None) -> Pat
     first = next(iter(layers.values()))
     meta = {"format": "pt", "minidiff_lora": json.dumps(
         {"rank": first.rank, "alpha": first.alpha, "targets": list(TARGETS), **(extra_metadata or {})})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(lora_state_dict(model), str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    from .files import atomic_write
+    return atomic_write(path, lambda tmp: save_file(lora_state_dict(model), str(tmp), metadata=meta))
 
 
 @torch.no_grad()

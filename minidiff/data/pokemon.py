@@ -35,6 +35,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..files import atomic_write
 from .imagefolder import METADATA, read_metadata, write_metadata
 
 
@@ -304,15 +305,7 @@ def is_valid_png(path: Path, size: int = SIZE) -> bool:
 
 
 def _save_atomic(im: Image.Image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            im.save(f, format="PNG", optimize=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: im.save(tmp, format="PNG", optimize=False))
 
 
 # ----------------------------------------------------------------------------------------------- the command
