@@ -8,7 +8,6 @@ backward, AdamW — run by minidiff.train.loop.train_step, the one step `minidif
 
   baseline           fp32, eager, torch.optim.AdamW (foreach), the VAE encodes the images every step
   + cached latents   z_0 encoded once beforehand (the VAE is frozen: its output never changes)
-  + speed.optimize   minidiff's fast modules: fused QKV (through torch.cat, so it trains), channels-last on the CPU
   + fused AdamW      AdamW(fused=True): one kernel for the whole update instead of a few per parameter group
   + bf16 autocast    matmuls and convolutions in bf16, weights and optimizer state in fp32
   + torch.compile    the U-Net's forward and backward compiled by inductor
@@ -44,7 +43,7 @@ CONFIGS = {
     # SD v1.4 at 512×512
     "sd14": dict(unet=UNetConfig(), vae=VAEConfig(), latent=64, context=768, batch=8),
 }
-VARIANTS = ["baseline", "+ cached latents", "+ speed.optimize", "+ fused AdamW", "+ bf16 autocast", "+ torch.compile", "+ checkpointing",
+VARIANTS = ["baseline", "+ cached latents", "+ fused AdamW", "+ bf16 autocast", "+ torch.compile", "+ checkpointing",
             "+ 8-bit Adam"]
 TARGET_SAMPLES_PER_S = 100   # GPU: full U-Net at 512², one H100
 TARGET_PEAK_GIB = 24         # GPU: full-U-Net fine-tune with checkpointing
@@ -60,8 +59,6 @@ class Trainer:
         self.unet = UNet(cfg["unet"]).to(device).train()
         if "+ checkpointing" in self.f:
             self.unet.enable_gradient_checkpointing()
-        if "+ speed.optimize" in self.f:
-            speed.optimize(self.unet, channels_last=device.type == "cpu")
         self.model = torch.compile(self.unet) if "+ torch.compile" in self.f else self.unet
         params = self.params = [p for p in self.unet.parameters()]
         if "+ 8-bit Adam" in self.f:
