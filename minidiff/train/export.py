@@ -12,6 +12,7 @@ For textual inversion the model folder IS the base model, bit for bit: the new w
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ..files import atomic_write
-from .trainable import remove_placeholder
+from .trainable import TEXT_ENCODER_TARGETS, remove_placeholder
 
 
 def embedding_file_stem(token: str) -> str:
@@ -52,7 +53,9 @@ def export_model(pipe, out, cfg, step: int | None = None) -> Path:
         save_lora(pipe.unet, out / "lora.safetensors", {"base_model": str(cfg.model or "embedded")})
     if lora_layers(pipe.text_encoder) and cfg.lora_export == "separate":
         tensors = lora_state_dict(pipe.text_encoder, prefix="text_encoder.")
-        atomic_write(out / "lora_text_encoder.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        meta = {"format": "pt", "minidiff_lora": json.dumps({"rank": cfg.lora_rank, "alpha": float(
+            cfg.lora_alpha or cfg.lora_rank), "targets": list(TEXT_ENCODER_TARGETS)})}
+        atomic_write(out / "lora_text_encoder.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     merge_lora(pipe.unet)
     merge_lora(pipe.text_encoder)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
