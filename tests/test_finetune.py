@@ -69,7 +69,9 @@ def tiny(tmp_path_factory):
 
 def cfg_for(tiny, out, **kw):
     base = dict(model=tiny["model"], data=tiny["data"], output=str(out), steps=4, batch_size=2, lr=1e-3,
-                resolution=16, checkpoint_every=100, validation_prompts=[], progress=False)
+                resolution=16, checkpoint_every=100, validation_steps=2, progress=False)
+    # validation stays ON (the default: 2 dataset captions + 2 unrelated prompts at every checkpoint); only its
+    # sampler steps are turned down, like the other size knobs
     return FinetuneConfig(**{**base, **kw})
 
 
@@ -274,8 +276,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monke
     from minidiff.cli import main
     calls["n"] = 0
     code = main(["finetune", "--model", tiny["model"], "--data", tiny["data"], "--output", str(tmp_path / "cli"),
-                 "--steps", "6", "--batch-size", "2", "--resolution", "16", "--validation-steps", "0",
-                 "--no-progress"])
+                 "--steps", "6", "--batch-size", "2", "--resolution", "16", "--no-progress"])
     assert code == 1
     assert "training diverged at step 5" in capsys.readouterr().err
 
