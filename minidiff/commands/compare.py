@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..compare import compare, read_prompts
+from ..files import atomic_write
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -47,7 +48,6 @@ def run(args) -> int:
                    device=args.device, dtype=getattr(torch, DTYPES[args.dtype]), labels=labels, cell=args.cell,
                    title=title)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
+    atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
     print(out)
     return 0
