@@ -214,7 +214,45 @@ def train(cfg: FinetuneConfig) -> dict:
         ctx.close()
 
 
+@dataclass
+class Run:
+    """Everything a run holds between its setup and its end (the names of the module docstring's stages)."""
+    out: Path
+    pipe: object                  # the StableDiffusion being trained
+    model: torch.nn.Module        # the U-Net as the loop calls it (DDP / compiled)
+    trainable: dict               # {name: Parameter}: what the optimizer updates and a checkpoint saves
+    dataset: object
+    batches: object               # iterator of micro-batches (data.collate's dicts)
+    loss_fn: object               # micro-batch -> loss (objective.micro_step_loss with its arguments bound)
+    optimizer: object
+    scheduler: object
+    scaler: object
+    ema: object
+    autocast: object
+    resolution: int
+    start: int                    # optimizer steps done before this invocation
+    end: int                      # ... and after it
+    last_ckpt: Path | None
+    val_prompts: list
+
+
 def _train(cfg: FinetuneConfig, ctx: Dist) -> dict:
+    run = _setup(cfg, ctx)
+    reporter = Reporter(run.out, cfg.report_to, run.start, enabled=ctx.main)
+    try:
+        loss = _loop(cfg, ctx, run, reporter)
+    finally:
+        reporter.close()
+    finished = run.end >= cfg.steps
+    if finished and ctx.main:
+        _finish(cfg, ctx, run)
+        reporter.plots()
+    ctx.barrier()
+    return {"step": run.end, "finished": finished, "output": str(run.out), "loss": loss}
+
+
+def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
+    """The model with what trains, the data stream, optimizer + schedule + EMA, and the state of a resumed run."""
     import minidiff
     from ..data.imagefolder import ImageFolderDataset
     from ..ema import EMA
@@ -254,14 +292,13 @@ def _train(cfg: FinetuneConfig, ctx: Dist) -> dict:
     if cfg.train == "textual-inversion" and not any(cfg.placeholder_token in r["text"] for r in dataset.rows):
         warnings.warn(f"no caption of {cfg.data} contains the placeholder {cfg.placeholder_token!r}: its embedding "
                       f"gets no gradient. Write it into the captions, e.g. 'a drawing of {cfg.placeholder_token}'.",
-                      stacklevel=2)
+                      stacklevel=3)
     cache = cache_latents(dataset, pipe.vae, device, cfg.random_flip, progress=cfg.progress and ctx.main) \
         if cfg.cache_latents else None
     stream = SampleStream(dataset, cfg, noise_sched.num_train_timesteps, latent_shape, cache)
 
     # ---- optimizer, schedule, loss scaling, EMA
-    params = list(trainable.values())
-    optimizer = make_optimizer(params, cfg.lr, device, cfg.optimizer, cfg.weight_decay,
+    optimizer = make_optimizer(list(trainable.values()), cfg.lr, device, cfg.optimizer, cfg.weight_decay,
                                (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)
     scheduler = make_lr_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
     scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
@@ -281,78 +318,82 @@ def _train(cfg: FinetuneConfig, ctx: Dist) -> dict:
                 print(f"resuming from {last_ckpt} (step {start})", file=sys.stderr)
         elif ctx.main:
             print(f"--resume: no checkpoint in {out / CKPT_DIR}; starting from step 0", file=sys.stderr)
-    reporter = Reporter(out, cfg.report_to, start, enabled=ctx.main)
 
-    # ---- the model as the training loop calls it
+    # ---- the model as the training loop calls it, and the samples of steps [start, end)
     model = unet
     if ctx.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
     if cfg.compile:
         model = torch.compile(model)
-    val_prompts = cfg.validation_prompts if cfg.validation_prompts is not None else \
-        default_validation_prompts(dataset, UNRELATED_PROMPTS)
-
     end = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, start + cfg.max_steps_this_run)
     loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate,
                                          sampler=list(positions(start, end, cfg, ctx.rank, ctx.world)),
                                          num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    batches = iter(loader)
-    A = cfg.grad_accum
-    global_batch = cfg.batch_size * ctx.world * A
 
     def loss_fn(batch):
         return objective.micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_type, cfg,
                                          device, autocast, text_trains)
 
-    bar = tqdm(total=cfg.steps, initial=start, desc="fine-tuning", disable=not (cfg.progress and ctx.main))
-    t_start, loss_value = time.perf_counter(), float("nan")
+    val_prompts = cfg.validation_prompts if cfg.validation_prompts is not None else \
+        default_validation_prompts(dataset, UNRELATED_PROMPTS)
+    return Run(out, pipe, model, trainable, dataset, iter(loader), loss_fn, optimizer, scheduler, scaler, ema,
+               autocast, R, start, end, last_ckpt, val_prompts)
+
+
+def _loop(cfg: FinetuneConfig, ctx: Dist, run: Run, reporter: Reporter) -> float:
+    """Optimizer steps run.start+1 .. run.end: train_step, one log row each, checkpoint + plots + validation grid every
+    --checkpoint-every steps and at the last one. -> the last step's loss."""
+    A = cfg.grad_accum
+    global_batch = cfg.batch_size * ctx.world * A
+    params = list(run.trainable.values())
+    bar = tqdm(total=cfg.steps, initial=run.start, desc="fine-tuning", disable=not (cfg.progress and ctx.main))
+    t_start, loss = time.perf_counter(), float("nan")
     try:
-        for step in range(start, end):                      # `step` optimizer steps are done; this makes step + 1
+        for step in range(run.start, run.end):              # `step` optimizer steps are done; this makes step + 1
             t0 = time.perf_counter()
-            r = loop.train_step([next(batches) for _ in range(A)], loss_fn, optimizer, params, lr_scheduler=scheduler,
-                                scaler=scaler, ema=ema, ema_params=trainable, max_grad_norm=cfg.max_grad_norm,
-                                mean=ctx.mean if ctx.world > 1 else None,
-                                no_sync=model.no_sync if ctx.world > 1 else None, step=step + 1,
-                                last_checkpoint=last_ckpt)
-            loss_value, done, dt = r.loss, step + 1, time.perf_counter() - t0
+            r = loop.train_step([next(run.batches) for _ in range(A)], run.loss_fn, run.optimizer, params,
+                                lr_scheduler=run.scheduler, scaler=run.scaler, ema=run.ema, ema_params=run.trainable,
+                                max_grad_norm=cfg.max_grad_norm, mean=ctx.mean if ctx.world > 1 else None,
+                                no_sync=run.model.no_sync if ctx.world > 1 else None, step=step + 1,
+                                last_checkpoint=run.last_ckpt)
+            loss, done, dt = r.loss, step + 1, time.perf_counter() - t0
             row = {"step": done, "loss": r.loss, "lr": r.lr, "samples_per_s": global_batch / dt,
-                   "epoch": done * global_batch / len(dataset), "time_s": time.perf_counter() - t_start}
+                   "epoch": done * global_batch / len(run.dataset), "time_s": time.perf_counter() - t_start}
             if r.grad_norm is not None:
                 row["grad_norm"] = r.grad_norm
-            if scaler:
-                row["loss_scale"] = float(scaler.get_scale())
+            if run.scaler:
+                row["loss_scale"] = float(run.scaler.get_scale())
             reporter.log(row)
             bar.update(1)
             bar.set_postfix(loss=f"{r.loss:.4f}", lr=f"{r.lr:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                run.last_ckpt = run.out / CKPT_DIR / f"step-{done:06d}"
                 if ctx.main:
-                    last_ckpt = save_checkpoint(out, done, trainable, optimizer, scheduler, scaler, ema, cfg,
-                                                cfg.keep_last, ctx.world)
+                    save_checkpoint(run.out, done, run.trainable, run.optimizer, run.scheduler, run.scaler, run.ema,
+                                    cfg, cfg.keep_last, ctx.world)
                     reporter.plots()
-                    if val_prompts and cfg.validation_steps > 0:
-                        with (ema.swapped_in(trainable) if ema is not None else nullcontext()):
-                            reporter.validation(render_validation(pipe, val_prompts, cfg, R, autocast), done)
-                else:
-                    last_ckpt = out / CKPT_DIR / f"step-{done:06d}"
+                    if run.val_prompts and cfg.validation_steps > 0:
+                        with (run.ema.swapped_in(run.trainable) if run.ema is not None else nullcontext()):
+                            grid = render_validation(run.pipe, run.val_prompts, cfg, run.resolution, run.autocast)
+                        reporter.validation(grid, done)
     finally:
         bar.close()
-        reporter.close()
+    return loss
 
-    finished = end >= cfg.steps
-    if finished and ctx.main:
-        if ema is not None:
-            ema.copy_to(trainable)                          # the exported model is the averaged one
-        if cfg.gradient_checkpointing:
-            unet.disable_gradient_checkpointing()
-        unet.eval().requires_grad_(False)
-        from ..files import atomic_write
-        atomic_write(out / "finetune_config.json", json.dumps({**config_dict(cfg), "_world": ctx.world}, indent=2))
-        export_model(pipe, out, cfg, end)
-        reporter.plots()
-    ctx.barrier()
-    return {"step": end, "finished": finished, "output": str(out), "loss": loss_value}
+
+def _finish(cfg: FinetuneConfig, ctx: Dist, run: Run) -> None:
+    """The end of a finished run (rank 0): the EMA weights in, training switches off, the config and the model out."""
+    from ..files import atomic_write
+    if run.ema is not None:
+        run.ema.copy_to(run.trainable)                      # the exported model is the averaged one
+    unet = run.pipe.unet
+    if cfg.gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
+    unet.eval().requires_grad_(False)
+    atomic_write(run.out / "finetune_config.json", json.dumps({**config_dict(cfg), "_world": ctx.world}, indent=2))
+    export_model(run.pipe, run.out, cfg, run.end)
 
 
 __all__ = ["FinetuneConfig", "PRESETS", "PRECISIONS", "TRAIN_MODES", "LR_SCHEDULES", "UNRELATED_PROMPTS", "Dist",
-           "TrainingDiverged", "train"]
+           "Run", "TrainingDiverged", "train"]
