@@ -211,18 +211,22 @@ class CLIPTextTransformer(nn.Module):
         return self.final_layer_norm(x)
 
     @torch.no_grad()
-    def resize_token_embeddings(self, n: int) -> nn.Embedding:
-        """Grow (or cut) the token table to n rows, keeping the old rows bit for bit; new rows start at zero.
-        config.vocab_size follows. -> the new table (for textual-inversion vectors added to the vocabulary)."""
+    def add_token_embeddings(self, vectors: torch.Tensor) -> None:
+        """Grow the token embedding by n rows holding `vectors` [n, d] (new tokens: textual inversion); the old rows
+        stay bit-identical, the new ones get the ids vocab_size, ..., vocab_size + n - 1."""
         old = self.embeddings.token_embedding
-        new = nn.Embedding(n, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
-        new.weight.zero_()
-        k = min(n, old.num_embeddings)
-        new.weight[:k] = old.weight[:k]
-        new.weight.requires_grad_(old.weight.requires_grad)
+        vectors = torch.as_tensor(vectors)
+        if vectors.dim() == 1:
+            vectors = vectors[None]                                     # [d] -> [1, d]
+        if vectors.dim() != 2 or vectors.shape[1] != old.embedding_dim:
+            raise ValueError(f"vectors must be [n, {old.embedding_dim}] (this text encoder's width), "
+                             f"got {tuple(vectors.shape)}")
+        w = old.weight
+        new = nn.Embedding(w.shape[0] + vectors.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
+        new.weight.copy_(torch.cat([w, vectors.to(w.device, w.dtype)]))  # [V + n, d]
+        new.weight.requires_grad_(w.requires_grad)
         self.embeddings.token_embedding = new
-        self.config.vocab_size = n
-        return new
+        self.config.vocab_size = new.num_embeddings
 
     def eos_positions(self, ids):
         """[B] index of the token that sums up each prompt: the first <|endoftext|> (transformers-5's rule).

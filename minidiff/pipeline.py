@@ -85,28 +85,17 @@ class StableDiffusion:
         None: the kind its scheduler_config.json names (PNDM for SD v1.4), as diffusers' pipelines do."""
         return make_scheduler(name or scheduler_name(self.scheduler_config), self.scheduler_config)
 
-    @torch.no_grad()
-    def load_embedding(self, path, token: str | None = None) -> str:
-        """Teach the model a textual-inversion word from a file (diffusers' learned_embeds.safetensors/.bin, or
-        AUTOMATIC1111's .pt/.safetensors): the word is added to the tokenizer, its vectors to the text encoder's
-        token table. token: the word to use in prompts (default: the file's own). -> the word."""
-        from .formats.embeddings import read_embedding
-        word, vectors = read_embedding(path, token)                   # [n, d]
-        te = self.text_encoder
-        d = te.embeddings.token_embedding.embedding_dim
-        if vectors.shape[-1] != d:
-            raise ValueError(f"{path}: the embedding has width {vectors.shape[-1]}, this text encoder {d}")
-        words = [word] + [f"{word}_{i}" for i in range(1, vectors.shape[0])]
-        ids = self.tokenizer.add_tokens(words)
-        if len(words) > 1:
-            self.tokenizer.multi_vector[word] = " ".join(words)
-        table = te.resize_token_embeddings(max(max(ids) + 1, te.embeddings.token_embedding.num_embeddings))
-        with torch.no_grad():
-            table.weight[ids] = vectors.to(table.weight.device, table.weight.dtype)
-        return word
+    def load_embedding(self, path, token: str | None = None) -> list[str]:
+        """Add a textual-inversion embedding (diffusers learned_embeds.safetensors / .bin, A1111 .pt / .safetensors):
+        its word then works in prompts and negative prompts. token: overrides the name stored in the file.
+        Returns the tokens added (tok, tok_1, ... for a multi-vector embedding). See minidiff/formats/embeddings.py."""
+        from .formats.embeddings import load_embedding
+        return load_embedding(self, path, token)
 
+    @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """list of B strings -> context [B, 77, d]."""
+        prompts = [self.tokenizer.expand_multi_vector(p) for p in prompts]  # tok -> tok tok_1 ... (multi-vector words)
         ids = self.tokenizer(prompts).to(self.device)  # [B, 77]
         return self.text_encoder(ids).to(self.dtype)
 

@@ -84,7 +84,21 @@ class CLIPTokenizer:
         tk.post_processor = processors.RobertaProcessing((EOS_TOKEN, self.eos_id), (BOS_TOKEN, self.bos_id),
                                                          trim_offsets=False, add_prefix_space=False)
         self._tk = tk
-        self.multi_vector: dict[str, str] = {}   # a multi-vector embedding's word -> "<w> <w>_1 ..." (add_tokens)
+        self._read_added_tokens()
+
+    def _read_added_tokens(self):
+        """Tokens a saved tokenizer added (tokenizer_config.json's added_tokens_decoder), at the same ids."""
+        config = self.path / "tokenizer_config.json"
+        if not config.is_file():
+            return
+        entries = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+        for i, e in sorted((int(i), e) for i, e in entries.items()):
+            if e.get("special") or e["content"] in (BOS_TOKEN, EOS_TOKEN):
+                continue
+            got = self.add_tokens([e["content"]])[0]
+            if got != i:
+                raise ValueError(f"{config}: added token {e['content']!r} has id {i}, but it lands at {got} "
+                                 "(the added tokens must follow the vocabulary without gaps)")
 
     @classmethod
     def from_dir(cls, path: str | Path, **kwargs) -> "CLIPTokenizer":
@@ -95,25 +109,50 @@ class CLIPTokenizer:
     def vocab_size(self) -> int:
         return self._tk.get_vocab_size(with_added_tokens=True)
 
-    def add_tokens(self, tokens) -> list[int]:
-        """Add new words to the vocabulary (textual inversion's placeholders) -> their ids (vocab_size, ...).
-        A new word is matched in the raw prompt as a whole, before lower-casing and BPE. ValueError if one is
-        already a word of the vocabulary."""
-        tokens = [tokens] if isinstance(tokens, str) else list(tokens)
-        for t in tokens:
-            if not t or self._tk.token_to_id(t) is not None or self._tk.token_to_id(t + "</w>") is not None:
-                raise ValueError(f"{t!r} is already in the vocabulary (or empty); a new token must be a new string")
-        self._tk.add_tokens([AddedToken(t, normalized=False, special=False, single_word=False) for t in tokens])
+    # ---- added tokens: new words for textual inversion (Gal et al. 2022), each one new row of the text encoder's
+    # token embedding. Matched in the normalized (lower-cased) text before BPE, as transformers' add_tokens does.
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """Add new tokens to the vocabulary -> their ids (the next free ids, in order).
+
+        Raises ValueError, adding nothing, when a token is already in the vocabulary (a BPE piece such as "cat" or
+        "cat</w>", or a token added before) or appears twice."""
+        if isinstance(tokens, str):
+            tokens = [tokens]
+        vocab = self._tk.get_vocab(with_added_tokens=True)
+        for i, t in enumerate(tokens):
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"a token must be a non-empty string, got {t!r}")
+            if t in vocab:
+                raise ValueError(f"token {t!r} is already in the tokenizer's vocabulary (id {vocab[t]}); "
+                                 f"choose another name, e.g. '<{t.strip('<>')}>'")
+            if t in tokens[:i]:
+                raise ValueError(f"token {t!r} is given twice (already in the list)")
+        self._tk.add_tokens([AddedToken(t, normalized=True, special=False) for t in tokens])
         return [self._tk.token_to_id(t) for t in tokens]
 
-    def _expand(self, text: str) -> str:
-        for word, expansion in self.multi_vector.items():
-            text = text.replace(word, expansion) if word in text and expansion not in text else text
+    @property
+    def added_tokens(self) -> dict[str, int]:
+        """{token: id} of the tokens add_tokens added (not the two special ones)."""
+        return {t.content: i for i, t in sorted(self._tk.get_added_tokens_decoder().items())
+                if t.content not in (BOS_TOKEN, EOS_TOKEN)}
+
+    def expand_multi_vector(self, text: str) -> str:
+        """A multi-vector embedding `tok` is the tokens tok, tok_1, ..., tok_{n-1}: write them all where the prompt
+        says tok, by plain string replacement, as diffusers' TextualInversionLoaderMixin.maybe_convert_prompt does."""
+        added = self.added_tokens
+        if not added:
+            return text
+        for t in dict.fromkeys(self._tk.encode(text, add_special_tokens=False).tokens):  # unique, in order
+            if t in added and f"{t}_1" in added:
+                n = 1
+                while f"{t}_{n}" in added:
+                    n += 1
+                text = text.replace(t, " ".join([t] + [f"{t}_{i}" for i in range(1, n)]))
         return text
 
     def encode(self, text: str) -> list[int]:
         """One prompt -> [bos, tokens..., eos], neither truncated nor padded."""
-        return self._tk.encode(self._expand(text) if self.multi_vector else text).ids
+        return self._tk.encode(text).ids
 
     def __call__(self, texts: str | list[str], max_length: int | None = None) -> torch.Tensor:
         """Prompt(s) -> LongTensor [B, max_length] (a single str gives B = 1).
@@ -126,8 +165,6 @@ class CLIPTokenizer:
             raise ValueError(f"max_length must leave room for the start and end tokens, got {max_length}")
         if isinstance(texts, str):
             texts = [texts]
-        if self.multi_vector:
-            texts = [self._expand(t) for t in texts]
         rows = []
         for ids in (e.ids for e in self._tk.encode_batch(list(texts))):
             if len(ids) > max_length:
@@ -157,6 +194,11 @@ class CLIPTokenizer:
         specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
         config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.model_max_length,
                   "do_lower_case": True, "errors": "replace", "add_prefix_space": False, **specials}
+        if self.added_tokens:  # textual-inversion tokens, in the entry transformers reads them from
+            config["added_tokens_decoder"] = {
+                str(i): {"content": t.content, "lstrip": False, "normalized": t.normalized, "rstrip": False,
+                         "single_word": False, "special": t.special}
+                for i, t in sorted(self._tk.get_added_tokens_decoder().items())}
         for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
             (path / name).write_text(json.dumps(obj, indent=2) + "\n")
         notice = self.path / "NOTICE"  # the vocabulary's MIT licence travels with it

@@ -104,7 +104,7 @@ def test_finetune_each_mode_with_validation_then_resume(fixtures, tmp_path, mode
         assert load_file(str(out / "thing.safetensors"))["emb_params"].shape == (1, d)
         a1111 = torch.load(out / "thing.pt", weights_only=True)
         assert a1111["name"] == "<thing>" and a1111["string_to_param"]["*"].shape == (1, d)
-        assert pipe.load_embedding(out / "learned_embeds.safetensors") == "<thing>"
+        assert pipe.load_embedding(out / "learned_embeds.safetensors") == ["<thing>"]
         assert pipe.generate("a picture of <thing>", steps=2, seed=0, height=16, width=16, progress=False)
     if mode == "lora":   # the issue-17 command: a model that diffusers loads
         from diffusers import StableDiffusionPipeline

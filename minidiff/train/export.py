@@ -34,8 +34,9 @@ def embedding_file_stem(token: str) -> str:
 def export_embeddings(out, token: str, vectors, step: int) -> list[Path]:
     from ..formats.embeddings import save_embedding
     out, stem = Path(out), embedding_file_stem(token)
-    return [save_embedding(out / "learned_embeds.safetensors", token, vectors, format="diffusers"),
-            save_embedding(out / f"{stem}.pt", token, vectors, format="a1111", step=step),
+    flat = vectors[0] if len(vectors) == 1 else vectors                 # diffusers' file: [d] for one vector, [n, d]
+    return [save_embedding(out / "learned_embeds.safetensors", token, flat, format="diffusers"),
+            save_embedding(out / f"{stem}.pt", token, vectors, format="a1111"),
             save_embedding(out / f"{stem}.safetensors", token, vectors, format="a1111")]
 
 

@@ -69,7 +69,8 @@ def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_
             noise = noise + cfg.noise_offset * batch["offset"].to(device)          # + o · δ [B, C, 1, 1]
         t = batch["t"].to(device)                                                  # [B]
         zt = noise_sched.add_noise(z0, noise, t)                                   # √ᾱ z₀ + √(1−ᾱ) ε
-        ids = pipe.tokenizer(batch["text"]).to(device)                             # [B, 77]; "" when dropped
+        texts = [pipe.tokenizer.expand_multi_vector(t) for t in batch["text"]]     # "<w>" -> "<w> <w>_1 ..." (TI)
+        ids = pipe.tokenizer(texts).to(device)                                     # [B, 77]; "" when dropped
         target = noise_sched.get_velocity(z0, noise, t) if prediction_type == "v_prediction" else noise
     with (nullcontext() if text_trains else torch.no_grad()), autocast():
         context = pipe.text_encoder(ids)                                           # [B, 77, d]

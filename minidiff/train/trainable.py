@@ -14,8 +14,12 @@ prefixed "text_encoder.". They are what a checkpoint saves and what the optimize
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+
+from ..formats.embeddings import token_names
 
 TRAIN_MODES = ("unet", "last-up-blocks", "lora", "textual-inversion")
 # the text encoder's attention projections (transformers' CLIP names), for --lora-text-encoder
@@ -42,11 +46,6 @@ class PlaceholderEmbedding(nn.Module):
         return out
 
 
-def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
-    """diffusers' convention for a multi-vector embedding: "<pika>", "<pika>_1", ..., "<pika>_{n-1}"."""
-    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
-
-
 def add_placeholder(pipe, token: str, initializer: str, num_vectors: int = 1) -> PlaceholderEmbedding:
     """Add `token` (n vectors) to pipe's tokenizer and wrap the text encoder's token table in a PlaceholderEmbedding
     whose new rows start at the initializer word's vector. Raises ValueError for a token already in the vocabulary
@@ -56,27 +55,27 @@ def add_placeholder(pipe, token: str, initializer: str, num_vectors: int = 1) ->
     if len(init_ids) != 1:
         raise ValueError(f"--initializer-token must be one token of the vocabulary; {initializer!r} is "
                          f"{len(init_ids)} tokens {tok.convert_ids_to_tokens(init_ids)}: pick a single word")
-    names = placeholder_tokens(token, num_vectors)
+    names = token_names(token, num_vectors)              # diffusers' names: "<pika>", "<pika>_1", ...
+    original = copy.deepcopy(tok)                        # the tokenizer the exported model keeps (without the word)
     try:
         ids = tok.add_tokens(names)
     except ValueError as e:
-        raise ValueError(f"--placeholder-token {token!r}: {e}; choose a new word, e.g. '<{token.strip('<>')}-new>'") \
-            from None
-    if num_vectors > 1:
-        tok.multi_vector[token] = " ".join(names)                             # "<pika>" -> "<pika> <pika>_1 ..."
+        raise ValueError(f"--placeholder-token {token!r}: {e}") from None
     base = te.embeddings.token_embedding
     init = base.weight[init_ids[0]].detach()[None].expand(num_vectors, -1)   # [n, d]
     layer = PlaceholderEmbedding(base, ids, init)
+    layer.original_tokenizer = original
     te.embeddings.token_embedding = layer
     return layer
 
 
 def remove_placeholder(pipe) -> torch.Tensor | None:
-    """Put the text encoder's original token table back; -> the learned vectors [n, d] (None if there were none)."""
+    """Put the original token table and tokenizer back; -> the learned vectors [n, d] (None if there were none)."""
     layer = pipe.text_encoder.embeddings.token_embedding
     if not isinstance(layer, PlaceholderEmbedding):
         return None
     pipe.text_encoder.embeddings.token_embedding = layer.base
+    pipe.tokenizer = layer.original_tokenizer
     return layer.learned.detach().clone()
 
 
@@ -111,5 +110,5 @@ def text_encoder_trains(trainable: dict) -> bool:
     return any(name.startswith("text_encoder.") for name in trainable)
 
 
-__all__ = ["TRAIN_MODES", "TEXT_ENCODER_TARGETS", "PlaceholderEmbedding", "placeholder_tokens", "add_placeholder",
+__all__ = ["TRAIN_MODES", "TEXT_ENCODER_TARGETS", "PlaceholderEmbedding", "add_placeholder",
            "remove_placeholder", "select_trainable", "text_encoder_trains"]
