@@ -182,9 +182,10 @@ def run_variant(results: dict, name: str, make_run, device, repeats):
 
 def inference(args, device, model: Path, converted: dict) -> dict:
     """-> {dtype name: {variant: result}}; each library's pipeline is loaded, measured and freed in turn."""
-    compile_ok = device.type == "cuda" or args.compile_on_cpu
     out = {}
     for dname in args.dtypes.split(","):
+        compile_ok = (device.type == "cuda" or args.compile_on_cpu) and (
+            args.compile_dtypes is None or dname in args.compile_dtypes.split(","))
         dtype, res = DTYPES[dname], {}
         out[dname] = res
         print(f"{dname}:", flush=True)
@@ -207,7 +208,8 @@ def inference(args, device, model: Path, converted: dict) -> dict:
         del pipe
         free(device)
         for name in VARIANTS:
-            res.setdefault(name, dict(error="skipped on CPU (--compile-on-cpu)"))
+            res.setdefault(name, dict(error="not run (--compile-dtypes)" if device.type == "cuda" else
+                                      "skipped on CPU (--compile-on-cpu)"))
     return out
 
 
@@ -319,6 +321,8 @@ def training(args) -> dict:
     if args.smoke:  # a small U-Net, a few cheap variants: the wiring is what a smoke run checks
         argv += ["--config", "small", "--steps", "2", "--batch", "2",
                  "--variants", "baseline,+ cached latents,+ checkpointing"]
+    elif args.train_variants:
+        argv += ["--variants", args.train_variants]
     if args.no_append or args.smoke:
         argv.append("--no-append")
     print("training: bench_train.main(" + repr(argv) + ")", flush=True)
@@ -344,6 +348,9 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="a tiny random model, to check the script end to end on a CPU (never appends)")
     p.add_argument("--compile-on-cpu", action="store_true", help="run the compiled variants on the CPU too (slow)")
+    p.add_argument("--compile-dtypes", default=None,
+                   help="comma-separated dtypes that get the compiled variants (default: all; compiling takes minutes)")
+    p.add_argument("--train-variants", default=None, help="bench_train's --variants (default: all of them)")
     p.add_argument("--placeholder", action="store_true",
                    help="measure nothing; append the section with every number 'not measured yet'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

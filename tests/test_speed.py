@@ -88,6 +88,8 @@ def test_kernels_pick_by_device_dtype_grad_and_switch():
         with kernels.use("reference"):
             assert kernels.pick(x, w) == "reference"
         assert kernels.pick(x, w) == "onednn"                           # restored after the block
+        with kernels.use("triton"):                                     # Triton runs CUDA tensors only
+            assert kernels.pick(x, w) == "onednn"
     assert kernels.pick(x, w.requires_grad_()) == "reference"          # training: oneDNN has no backward
     with pytest.raises(ValueError, match="kernels backend must be one of"):
         kernels.set_backend("fast")
@@ -179,6 +181,23 @@ def test_transformer_block_trains_as_the_reference():
         ref = torch.autograd.grad(block(x, ctx).square().sum(), list(block.parameters()))
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
+
+
+def test_frozen_layers_on_onednn_feed_trained_layers():
+    """Fine-tuning the last up block: the frozen layers before it need no gradient, so they run on oneDNN (channels-last
+    outputs), and the trained block backpropagates through the reference kernels — with the reference's gradients
+    (this crashed in torch's GroupNorm backward before kernels.group_norm made such an input contiguous)."""
+    model = jitter(UNet(UNET))
+    model.up_blocks[-1].requires_grad_(True)
+    x, t, c = unet_inputs()
+    grads = []
+    for backend in ("auto", "reference"):
+        with kernels.use(backend):
+            model.zero_grad()
+            model(x, t, c).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.up_blocks[-1].parameters()])
+    for a, b in zip(*grads):
+        assert rel(a, b) < TOL[torch.float32]
 
 
 # ---------------------------------------------------------------------------------------------- attention slicing

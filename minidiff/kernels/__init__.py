@@ -10,9 +10,15 @@ code) call these functions; nothing ever swaps a module's class or rewrites a us
 and `pick` chooses one per call from the tensors it is given:
 
     backend "reference" (`use("reference")`, `StableDiffusion.fast = False`)         -> reference
-    a CUDA tensor and Triton installed                                             -> triton (inference and training)
+    a CUDA tensor inside torch.compile, Triton installed (or backend "triton")     -> triton (inference and training)
     a CPU tensor, fp32/bf16, nothing that needs a gradient, oneDNN present        -> onednn
-    anything else (CPU training, fp16 on the CPU, ...)                             -> reference
+    anything else (eager CUDA, CPU training, fp16 on the CPU, ...)                 -> reference
+
+Why eager CUDA takes the reference (PyTorch's own CUDA kernels): measured on an H200 (docs/benchmarks.md), each of our
+Triton ops costs 0.1–0.2 ms per eager call — the Python launch of a triton_op, not the GPU work — against 0.02–0.06 ms
+for PyTorch's kernels, so the eager U-Net step was 1.7× slower on them. Inside torch.compile the launch cost is gone
+(inductor calls the kernels directly, and CUDA graphs replay them), and the fused GroupNorm+SiLU, GEGLU and epilogue
+kernels save passes over memory; `use("triton")` forces them in eager code too.
 
 All three compute the same function; the differences are rounding (tests/test_speed.py states the tolerance per
 dtype). Attention is the one hot operation that lives in its chapter (minidiff.nn.attention.attention, with its own
@@ -38,12 +44,13 @@ try:
 except ImportError:   # the Triton file is optional; without triton installed it says AVAILABLE = False
     _triton, TRITON = None, False
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
 _backend = "auto"
 
 
 def set_backend(name: str) -> None:
-    """"auto" (the fastest kernel that applies to each call) or "reference" (plain PyTorch everywhere)."""
+    """"auto" (the fastest kernel that applies to each call), "reference" (plain PyTorch everywhere) or "triton"
+    (our Triton kernels for every CUDA tensor, eager too; CPU tensors as "auto")."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"kernels backend must be one of {BACKENDS}, got {name!r}")
@@ -70,7 +77,8 @@ def pick(x, weight=None) -> str:
     if _backend == "reference":
         return "reference"
     if x.is_cuda:
-        return "triton" if TRITON else "reference"
+        use_triton = _backend == "triton" or torch.compiler.is_compiling()
+        return "triton" if TRITON and use_triton else "reference"
     if onednn.applies(x, x if weight is None else weight):
         return "onednn"
     return "reference"
@@ -114,6 +122,10 @@ def group_norm(x, weight, bias, num_groups: int, eps: float, silu: bool = False)
     """GroupNorm over groups of channels (then SiLU when `silu`). x [B, C, *spatial] -> same shape."""
     if pick(x, weight) == "triton":
         return _triton.group_norm(x, weight, bias, num_groups, eps, silu)
+    if weight is not None and weight.requires_grad and not x.requires_grad and not x.is_contiguous():
+        # torch 2.13's CPU GroupNorm backward crashes (segfault) for a channels-last input that needs no gradient
+        # when γ, β do: a frozen layer's oneDNN output feeding a trained one (fine-tuning the last blocks)
+        x = x.contiguous()
     return reference.group_norm(x, weight, bias, num_groups, eps, silu)
 
 
