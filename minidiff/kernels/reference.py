@@ -6,7 +6,6 @@ CPU, fp16 on the CPU, any device without Triton) and everywhere under `kernels.u
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 
@@ -36,11 +35,6 @@ def conv2d(x, weight, bias, stride, padding, dilation, groups):
 def group_norm(x, weight, bias, num_groups: int, eps: float, silu: bool = False):
     """GroupNorm (Wu & He 2018): per sample and group of C/G channels, (x − μ) / √(σ² + ε) · γ + β; then SiLU when
     `silu` (every ResnetBlock's SiLU(GroupNorm(x))). x [B, C, *spatial] -> same shape."""
-    if (torch.is_grad_enabled() and not x.requires_grad and weight is not None and weight.requires_grad
-            and not x.is_contiguous()):
-        # torch 2.13 CPU: group_norm's backward for the weight alone segfaults when x is channels-last (a frozen
-        # layer's oneDNN output feeding a trained one, e.g. finetune --train last-up-blocks). NCHW avoids it.
-        x = x.contiguous()
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
