@@ -25,9 +25,9 @@ def run(args) -> int:
     rows = server.listing()
     done = sum(1 for r in rows.values() if r.get("reviewed") is True)
     print(f"annotating {server.folder} ({done} / {len(rows)} reviewed) at {server.url}  — Ctrl+C to stop", flush=True)
-    if not args.no_browser:
-        webbrowser.open(server.url)
-    try:
+    try:                                   # Ctrl+C may come while the browser is still being started
+        if not args.no_browser:
+            webbrowser.open(server.url)
         while server.thread.is_alive():
             time.sleep(0.5)
     except KeyboardInterrupt:
