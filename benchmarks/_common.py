@@ -65,12 +65,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+# the CPU features the CPU numbers depend on: oneDNN / OpenVINO pick their kernels by them (bf16 runs natively only with
+# avx512_bf16 or AMX; without them a bf16 hint or a bf16 matmul is emulated or ignored)
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def isa_summary() -> str:
+    """'avx2 yes, avx512f yes, avx512_bf16 yes, amx_bf16 no, amx_tile no' (from /proc/cpuinfo)."""
+    flags = cpu_flags()
+    if not flags:
+        return "CPU flags unknown"
+    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ISA_FLAGS)
+
+
 def machine() -> str:
     import torch
-    flags = cpu_flags()
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     mem = memory_gib()
-    parts = [f"{cpu_model()}, {os.cpu_count()} cores ({', '.join(isa) or 'no AVX info'})",
+    parts = [f"{cpu_model()}, {os.cpu_count()} cores ({isa_summary()})",
              f"{mem:.0f} GiB RAM" if mem else "", f"torch threads: {torch.get_num_threads()}"]
     if torch.cuda.is_available():
         parts.append("GPU: " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
@@ -80,9 +91,9 @@ def machine() -> str:
 def versions() -> str:
     import torch
     out = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
-    for name in ("diffusers", "transformers", "bitsandbytes"):
+    for name in ("diffusers", "transformers", "bitsandbytes", "openvino"):
         try:
-            out.append(f"{name} {__import__(name).__version__}")
+            out.append(f"{name} {__import__(name).__version__.split('-')[0]}")   # openvino: '2026.4.1-22982-...'
         except ImportError:
             pass
     if torch.version.cuda:

@@ -105,8 +105,9 @@ def _assign(file, tensors: dict, parts: list, skip: re.Pattern) -> list[dict]:
     Raises CheckpointError for an unknown key, a missing parameter or a wrong shape.
     """
     where = {}  # file key -> (part index, our key)
+    shapes = [{k: v.shape for k, v in model.state_dict().items()} for model, _ in parts]  # once: state_dict() is slow
     for i, (model, names_fn) in enumerate(parts):
-        for ours in model.state_dict():
+        for ours in shapes[i]:
             for theirs in names_fn(ours):
                 where[theirs] = (i, ours)
     out = [{} for _ in parts]
@@ -117,7 +118,7 @@ def _assign(file, tensors: dict, parts: list, skip: re.Pattern) -> list[dict]:
             raise CheckpointError(f"{file}: unexpected key {theirs!r} (not part of an SD v1 model; "
                                   f"is this another architecture?)")
         i, ours = where[theirs]
-        expected = parts[i][0].state_dict()[ours].shape
+        expected = shapes[i][ours]
         if keymaps.is_compvis_vae_attention(theirs) and tensor.shape == (*expected, 1, 1):
             tensor = tensor[:, :, 0, 0]  # LDM's 1x1-conv attention projections -> our Linear weights
         if tensor.shape != expected:
@@ -126,8 +127,8 @@ def _assign(file, tensors: dict, parts: list, skip: re.Pattern) -> list[dict]:
         if ours in out[i]:
             raise CheckpointError(f"{file}: {theirs!r} duplicates another spelling of the same weight ({ours!r})")
         out[i][ours] = tensor
-    for (model, names_fn), got in zip(parts, out):
-        for ours in model.state_dict():
+    for (model, names_fn), got, shape in zip(parts, out, shapes):
+        for ours in shape:
             if ours not in got:
                 raise CheckpointError(f"{file}: missing key {names_fn(ours)[0]!r}")
     return out

@@ -8,20 +8,31 @@
         z_{t-1} = scheduler.step(ε̂, t, z_t)
     image = VAE.decode(z_0 / 0.18215)                              (the latents were scaled to unit variance in training)
 
-Every step mirrors diffusers' StableDiffusionPipeline, so the same initial latents give the same image.
+Image to image (SDEdit, Meng et al. 2022) runs the same loop from a noised image instead of pure noise:
+    z_0 = 0.18215 · sample of VAE.encode(image),   z_t = add_noise(z_0, ε, t_s)   (t_s: the step `strength` picks)
+and only the steps from t_s down. Inpainting adds a mask m (1 = repaint) at latent resolution:
+    4-channel U-Net (SD v1.4):  after every step  z ← (1 - m) · add_noise(z_0, ε, t_next) + m · z
+    9-channel inpainting U-Net: its input is [z_t | m | latents of the masked image]  (no blending)
+
+Every step mirrors diffusers' StableDiffusionPipeline / Img2ImgPipeline / InpaintPipeline, random draws included,
+so the same seed gives the same image. Prompts longer than 75 tokens and "(word:1.3)" weights: minidiff.prompts;
+image and mask preparation: minidiff.images.
 """
 from __future__ import annotations
 
 import functools
 import inspect
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import kernels
+from . import images, kernels
+from . import prompts as prompts_mod
 from .schedulers import make_scheduler, scheduler_name
 
 SD_V1_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
@@ -81,8 +92,9 @@ class StableDiffusion:
         return self
 
     def make_scheduler(self, name: str | None = None):
-        """A fresh scheduler of the given kind ("pndm" | "ddim" | "ddpm" | "euler" | "dpmpp") on this model's schedule;
-        None: the kind its scheduler_config.json names (PNDM for SD v1.4), as diffusers' pipelines do."""
+        """A fresh scheduler of the given kind (a name of minidiff.schedulers.SCHEDULER_NAMES, any case) on this
+        model's schedule; None: the kind its scheduler_config.json names (PNDM for SD v1.4), as diffusers' pipelines
+        do (with a warning when it names a class minidiff lacks)."""
         return make_scheduler(name or scheduler_name(self.scheduler_config), self.scheduler_config)
 
     def load_embedding(self, path, token: str | None = None) -> list[str]:
@@ -93,30 +105,142 @@ class StableDiffusion:
         return load_embedding(self, path, token)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """list of B strings -> context [B, 77, d]."""
-        prompts = [self.tokenizer.expand_multi_vector(p) for p in prompts]  # tok -> tok tok_1 ... (multi-vector words)
-        ids = self.tokenizer(prompts).to(self.device)  # [B, 77]
-        return self.text_encoder(ids).to(self.dtype)
+    def encode_prompt(self, prompts: list[str], weighting: bool = True) -> torch.Tensor:
+        """B strings -> context [B, k·77, d]: prompts over 75 tokens in k chunks, "(word:1.3)" weighting, all padded
+        to the longest with the empty prompt (minidiff.prompts). Up to 75 tokens, unweighted: diffusers' [B, 77, d]."""
+        context = prompts_mod.encode_batch(self.tokenizer, self.text_encoder, list(prompts), self.device, weighting)
+        return context.to(self.dtype)
 
     @torch.no_grad()
     @_on_own_kernels
-    def generate(self, prompt, negative_prompt=None, steps: int = 50, guidance_scale: float = 7.5,
+    def generate(self, prompt=None, negative_prompt=None, steps: int = 50, guidance_scale: float = 7.5,
                  scheduler: str | None = None, seed: int | None = None, latents: torch.Tensor | None = None,
                  height: int | None = None, width: int | None = None, num_images: int = 1, output: str = "pil",
-                 generator: torch.Generator | None = None, eta: float = 0.0, progress: bool = True, callback=None):
-        """Text to image.
+                 generator: torch.Generator | None = None, eta: float = 0.0, progress: bool = True, callback=None,
+                 image=None, strength: float = 0.75, mask_image=None, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None):
+        """Text to image; with `image`, image to image (SDEdit); with `image` and `mask_image`, inpainting.
 
-        prompt: a string or a list of B strings; negative_prompt: None (= ""), a string, or a list of B strings.
-        scheduler: "pndm" | "ddim" | "ddpm" | "euler" | "dpmpp"; None = the model's own (scheduler_config's class:
-        "pndm" for SD v1.4, "ddim" for the embedded shapes model).
-        seed / generator: where the initial noise (and DDPM/DDIM-eta noise) comes from; latents: explicit initial
-        unit-variance noise [B·num_images, 4, H/8, W/8], scaled by the scheduler's initial sigma as diffusers does.
+        prompt: a string or a list of B strings (longer than 75 tokens: encoded in chunks; "(word:1.3)", "(word)",
+        "[word]" weight words, see minidiff.prompts); negative_prompt: None (= ""), a string, or B strings.
+        prompt_embeds / negative_prompt_embeds: contexts [B, L, d] given instead of the strings (as diffusers).
+        scheduler: one of minidiff.schedulers.SCHEDULER_NAMES ("pndm", "ddim", "ddpm", "euler", "euler_a", "lms",
+        "dpmpp", and "euler_karras", "lms_karras", "dpmpp_karras"), any case; None = the model's own (its
+        scheduler_config's class: "pndm" for SD v1.4, "ddim" for the embedded shapes model).
+        seed / generator: where every random number comes from, drawn in diffusers' order (VAE posterior sample of
+        `image`, then the noise, then the masked image's posterior, then the samplers' own draws).
+        latents: explicit unit-variance noise [B·num_images, 4, H/8, W/8] instead of drawing it: scaled by the
+        scheduler's initial sigma (text to image, inpainting at strength 1), or added to the image's latents at the
+        step `strength` picks (image to image, inpainting below strength 1).
+        image: a PIL image (or list) or a tensor [1 or B, 3, H, W] in [0, 1]; the output has its size rounded down
+        to a multiple of 8 (or height x width when given). Image i goes with prompt i (one image: with all).
+        strength: in [0, 1], how much of the schedule is run, i.e. how far from the image the result may go; the
+        last int(steps·strength) of the `steps` steps run. mask_image: PIL image or tensor [H, W] / [N, 1, H, W]
+        in [0, 1], the image's size; white (>= 0.5) = repaint. A 4-channel U-Net (SD v1.4) repaints by putting the
+        known region back after every step; a 9-channel inpainting U-Net also sees the mask and the masked image.
         callback(step_index, t, latents) is called after every step (latents [N, 4, h, w]).
         Returns a list of B·num_images PIL images, or with output="tensor" a tensor [N, 3, H, W] in [0, 1].
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        B = len(prompts)
+        if output not in ("pil", "tensor"):
+            raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
+        inpaint_unet = self._check_unet_inputs(image, mask_image)
+        f = self.vae_scale_factor
+        if image is not None:
+            _check_strength(strength, steps)
+            height, width = images.target_size(image, f, height, width)
+        height = height or self.unet.config.sample_size * f
+        width = width or self.unet.config.sample_size * f
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+
+        # text -> context: each prompt repeated num_images times, next to each other: [N, L, d], N = B·num_images
+        guided = guidance_scale > 1.0
+        context, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guided)
+        B = context.shape[0]
+        N = B * num_images
+        context = context.repeat_interleave(num_images, dim=0)
+        if guided:  # one batch [negatives; prompts] so the U-Net runs once per step
+            context = torch.cat([uncond.repeat_interleave(num_images, dim=0), context])  # [2N, L, d]
+
+        sched = self.make_scheduler(scheduler)
+        sched.set_timesteps(steps)
+        shape = (N, self.vae.config.latent_channels, height // f, width // f)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        if image is None:  # text to image: z_T = σ_init · ε
+            timesteps = sched.timesteps
+            noise = latents if latents is not None else torch.randn(shape, generator=generator, dtype=self.dtype)
+            latents = noise.to(self.device, self.dtype) * sched.init_noise_sigma  # drawn on the CPU, as diffusers
+            start = None
+        else:  # start part-way down: only the last int(steps·strength) steps run (diffusers' get_timesteps)
+            timesteps = strength_timesteps(sched, steps, strength)
+            start = self._start_from_image(image, mask_image, strength, sched, timesteps, shape, B, num_images,
+                                           latents, generator)
+            latents = start.latents
+        blend = start is not None and start.mask is not None and not inpaint_unet  # 4-channel inpainting
+        if inpaint_unet:  # the U-Net's extra input, doubled like the latents under guidance: [2N or N, 1 + 4, h, w]
+            extra = torch.cat([start.mask, start.masked_latents], dim=1)
+            extra = torch.cat([extra] * 2) if guided else extra
+
+        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress)):
+            x = torch.cat([latents] * 2) if guided else latents            # [2N or N, 4, h, w]
+            x = sched.scale_model_input(x, t)
+            if inpaint_unet:  # diffusers: [scaled z_t | mask | masked-image latents] -> 9 channels
+                x = torch.cat([x, extra], dim=1)
+            eps = self.unet(x, t, context)
+            if guided:
+                eps_uncond, eps_text = eps.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+            else:  # a tensor of our own: PNDM / DPM++ keep past outputs, and a U-Net compiled with CUDA graphs
+                eps = eps.clone()  # writes every call's output into the same buffer
+            latents = self._step(sched, eps, t, latents, generator, eta)
+            if blend:  # 4-channel inpainting: the known region is the image noised to the NEXT timestep's level
+                # (diffusers' add_noise(z_0, ε, timesteps[i+1])), and the clean image after the last step
+                known = start.image_latents if i == len(timesteps) - 1 else \
+                    sched.add_noise(start.image_latents, start.noise, timesteps[i + 1:i + 2])
+                latents = (1 - start.mask) * known + start.mask * latents
+            if callback is not None:
+                callback(i, t, latents)
+
+        images_out = self.decode_latents(latents)  # [N, 3, H, W] in [0, 1]
+        return images_out if output == "tensor" else to_pil(images_out)
+
+    def _check_unet_inputs(self, image, mask_image) -> bool:
+        """True for a 9-channel inpainting U-Net (which then needs image and mask_image); SD's own has 4."""
+        c, latent = self.unet.config.in_channels, self.vae.config.latent_channels
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image needs image= (the picture to inpaint)")
+        if c == 2 * latent + 1:  # z_t, the mask, the masked image's latents
+            if mask_image is None:
+                raise ValueError(f"this U-Net has {c} input channels (an inpainting model): pass image= and "
+                                 "mask_image=")
+            return True
+        if c != latent:
+            raise ValueError(f"the U-Net has {c} input channels; minidiff samples with {latent} (SD) or "
+                             f"{2 * latent + 1} (an inpainting U-Net)")
+        return False
+
+    def _contexts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guided):
+        """-> (context [B, L, d], negative context [B, L, d] or None without guidance), from strings or given
+        embeddings (as diffusers' encode_prompt takes them). Strings are encoded in one batch, so a prompt and its
+        negative are padded to the same number of chunks."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass either prompt or prompt_embeds (exactly one of them)")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+        d = self.unet.config.cross_attention_dim
+        for name, e in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if e is not None and (not isinstance(e, torch.Tensor) or e.ndim != 3 or e.shape[-1] != d):
+                raise ValueError(f"{name} must be a tensor [B, L, {d}], got "
+                                 f"{tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__}")
+        if prompt_embeds is not None and negative_prompt_embeds is not None and \
+                prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                             f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        B = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         if negative_prompt is None:
             negatives = [""] * B
         elif isinstance(negative_prompt, str):
@@ -125,48 +249,75 @@ class StableDiffusion:
             negatives = list(negative_prompt)
             if len(negatives) != B:
                 raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {B}")
-        if output not in ("pil", "tensor"):
-            raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
-        f = self.vae_scale_factor
-        height = height or self.unet.config.sample_size * f
-        width = width or self.unet.config.sample_size * f
-        if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
-        if generator is None and seed is not None:
-            generator = torch.Generator("cpu").manual_seed(seed)
+        if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != B:
+            raise ValueError(f"negative_prompt_embeds has {negative_prompt_embeds.shape[0]} rows but prompt has {B}")
 
-        # text -> context; each prompt repeated num_images times, next to each other: [N, 77, d], N = B·num_images
-        guided = guidance_scale > 1.0
-        context = self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)
-        if guided:  # one batch [negatives; prompts] so the U-Net runs once per step
-            uncond = self.encode_prompt(negatives).repeat_interleave(num_images, dim=0)
-            context = torch.cat([uncond, context])  # [2N, 77, d]
+        def given(e):
+            return e.to(self.device, self.dtype)
 
-        sched = self.make_scheduler(scheduler)
-        sched.set_timesteps(steps)
-        N = B * num_images
-        shape = (N, self.unet.config.in_channels, height // f, width // f)
-        if latents is None:
-            latents = torch.randn(shape, generator=generator, dtype=self.dtype)  # drawn on the CPU, as diffusers does
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(self.device, self.dtype) * sched.init_noise_sigma
+        if not guided:
+            return (given(prompt_embeds) if prompts is None else self.encode_prompt(prompts)), None
+        if prompts is not None and negative_prompt_embeds is None:  # both from strings: one batch, one length
+            both = self.encode_prompt(prompts + negatives)
+            return both[:B], both[B:]
+        # one side given: the strings are padded with empty-prompt chunks to its length
+        length = (prompt_embeds if prompts is None else negative_prompt_embeds).shape[1]
+        encode = partial(prompts_mod.encode_batch, self.tokenizer, self.text_encoder, device=self.device, length=length)
+        context = given(prompt_embeds) if prompts is None else encode(prompts).to(self.dtype)
+        uncond = given(negative_prompt_embeds) if negative_prompt_embeds is not None else encode(negatives).to(self.dtype)
+        return context, uncond
 
-        for i, t in enumerate(tqdm(sched.timesteps, desc="sampling", disable=not progress)):
-            x = torch.cat([latents] * 2) if guided else latents            # [2N or N, 4, h, w]
-            x = sched.scale_model_input(x, t)
-            eps = self.unet(x, t, context)
-            if guided:
-                eps_uncond, eps_text = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
-            else:  # a tensor of our own: PNDM / DPM++ keep past outputs, and a U-Net compiled with CUDA graphs
-                eps = eps.clone()  # writes every call's output into the same buffer
-            latents = self._step(sched, eps, t, latents, generator, eta)
-            if callback is not None:
-                callback(i, t, latents)
+    def _start_from_image(self, image, mask_image, strength, sched, timesteps, shape, B, num_images, noise,
+                          generator) -> "Start":
+        """The initial latents of image to image and inpainting, drawing random numbers in diffusers' order."""
+        N, _, h, w = shape
+        height, width = h * self.vae_scale_factor, w * self.vae_scale_factor
+        x = images.prepare_image(image, self.vae_scale_factor, height, width)  # [B_img, 3, H, W] in [-1, 1]
+        if x.shape[0] not in (1, B):
+            raise ValueError(f"image has {x.shape[0]} pictures but prompt has {B}: give 1 (for all) or {B}")
 
-        images = self.decode_latents(latents)  # [N, 3, H, W] in [0, 1]
-        return images if output == "tensor" else to_pil(images)
+        def per_output(t):  # [1 or B, ...] -> [N, ...]: picture i goes with prompt i, repeated num_images times
+            return t.repeat(N, 1, 1, 1) if t.shape[0] == 1 else t.repeat_interleave(num_images, dim=0)
+
+        mask = None
+        if mask_image is not None:
+            images.check_same_size(image, mask_image)
+            mask = images.prepare_mask(mask_image, height, width)            # [B_m, 1, H, W] of 0/1
+            if mask.shape[0] not in (1, x.shape[0]):
+                raise ValueError(f"mask_image has {mask.shape[0]} masks but image has {x.shape[0]} pictures")
+        inpaint_unet = self.unet.config.in_channels != self.vae.config.latent_channels
+        # 1. the image's latents: a SAMPLE of the VAE posterior drawn with the generator (diffusers'
+        #    retrieve_latents(sample_mode="sample")), not its mean. Inpainting at strength 1 with a 9-channel U-Net
+        #    starts from pure noise and never needs them, so diffusers skips this draw there.
+        image_latents = None
+        if mask is None or not inpaint_unet or strength < 1:
+            image_latents = per_output(self._encode_image(x, generator))
+        # 2. the noise ε, drawn on the CPU with the generator
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, dtype=self.dtype)
+        noise = noise.to(self.device, self.dtype)
+        # strength 1 inpainting starts from pure noise z_T = σ_init ε (diffusers' is_strength_max); everything
+        # else from the image noised to the first remaining timestep: x_t = add_noise(z_0, ε, t_start), which for
+        # the σ-samplers is z_0 + σ ε (no σ_init factor)
+        if mask is not None and strength == 1.0:
+            latents = noise * sched.init_noise_sigma
+        else:
+            latents = sched.add_noise(image_latents, noise, timesteps[:1].repeat(N))
+        start = Start(latents=latents, noise=noise, image_latents=image_latents)
+        if mask is not None:
+            # 3. the masked image (the repaint region set to 0, i.e. grey in [-1, 1]) and ITS posterior sample,
+            #    drawn for every U-Net as diffusers does (a 4-channel U-Net never reads it, but the generator moves)
+            masked = x * (mask < 0.5)                                        # [B_img, 3, H, W]
+            start.masked_latents = per_output(self._encode_image(masked, generator))
+            # the mask at latent resolution: nearest-neighbour (F.interpolate's default, as diffusers)
+            start.mask = per_output(F.interpolate(mask, size=(h, w))).to(self.device, self.dtype)  # [N, 1, h, w]
+        return start
+
+    def _encode_image(self, x: torch.Tensor, generator) -> torch.Tensor:
+        """Images [n, 3, H, W] in [-1, 1] -> scaled latents [n, 4, H/8, W/8]: z = scaling_factor · (μ + σ ε)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        posterior = self.vae.encode(x.to(self.device, vae_dtype))
+        return (posterior.sample(generator) * self.latent_scale).to(self.dtype)
 
     @staticmethod
     def _step(sched, eps, t, latents, generator, eta):
@@ -182,6 +333,37 @@ class StableDiffusion:
         vae_dtype = next(self.vae.parameters()).dtype
         x = self.vae.decode(latents.to(vae_dtype) / self.latent_scale)
         return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+@dataclass
+class Start:
+    """Where image to image / inpainting begins. latents [N, 4, h, w]: the noised start; noise: its ε;
+    image_latents: the image's (scaled) latents; mask [N, 1, h, w] and masked_latents [N, 4, h, w]: inpainting."""
+    latents: torch.Tensor
+    noise: torch.Tensor
+    image_latents: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    masked_latents: torch.Tensor | None = None
+
+
+def strength_timesteps(sched, steps: int, strength: float) -> torch.Tensor:
+    """The timesteps image to image runs (diffusers' get_timesteps): the last int(steps·strength) of `steps`.
+
+    t_start = steps - int(steps·strength) entries are cut from the top of sched.timesteps, and samplers that keep a
+    step index start at entry t_start (set_begin_index). The cut is made in sched.timesteps itself, so PNDM, whose
+    list holds one timestep twice (the Heun start, n + 1 entries), keeps one more entry than `steps - t_start` and
+    runs its warm-up on the first two of them, exactly as diffusers does. Every minidiff sampler has order 1."""
+    t_start = steps - min(int(steps * strength), steps)
+    sched.set_begin_index(t_start)
+    return sched.timesteps[t_start:]
+
+
+def _check_strength(strength, steps):
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    if isinstance(steps, int) and int(steps * strength) < 1:
+        raise ValueError(f"strength={strength} with steps={steps} leaves no step to run (int(steps * strength) = 0); "
+                         "raise strength or steps")
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -157,7 +158,8 @@ class CLIPTokenizer:
     def __call__(self, texts: str | list[str], max_length: int | None = None) -> torch.Tensor:
         """Prompt(s) -> LongTensor [B, max_length] (a single str gives B = 1).
 
-        Longer prompts are cut to max_length keeping <|endoftext|> last (what the model pools); shorter ones are
+        Longer prompts are cut to max_length keeping <|endoftext|> last (what the model pools), with a warning
+        naming how many tokens were dropped; shorter ones are
         padded with <|endoftext|> — SD v1 attends to all 77 positions, the padding included.
         """
         max_length = max_length or self.model_max_length
@@ -166,8 +168,12 @@ class CLIPTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         rows = []
-        for ids in (e.ids for e in self._tk.encode_batch(list(texts))):
+        for text, ids in zip(texts, (e.ids for e in self._tk.encode_batch(list(texts)))):
             if len(ids) > max_length:
+                short = text if len(text) <= 60 else text[:57] + "..."
+                warnings.warn(f"prompt {short!r} has {len(ids) - 2} tokens but only {max_length - 2} fit: the last "
+                              f"{len(ids) - max_length} tokens were dropped (StableDiffusion.generate encodes long "
+                              "prompts in 75-token chunks instead, see minidiff.prompts)", stacklevel=2)
                 ids = ids[:max_length - 1] + [self.eos_id]
             rows.append(ids + [self.pad_id] * (max_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), max_length)  # [B, max_length]

@@ -147,7 +147,8 @@ class DiagonalGaussian:
         return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:
-        """The most likely z, μ — what SD uses when it encodes an image (img2img, training latents)."""
+        """The most likely z, μ. (diffusers' image-to-image and inpainting pipelines, and minidiff's, use sample(generator)
+        instead, so that a seed fixes the result.)"""
         return self.mean
 
     def kl(self, other: "DiagonalGaussian | None" = None) -> torch.Tensor:

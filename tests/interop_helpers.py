@@ -2,6 +2,11 @@
 each with the same initial noise: what the LoRA / embedding / export parity tests compare."""
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
 import torch
 
 import minidiff
@@ -18,6 +23,18 @@ def latents(n: int = 1, seed: int = 3) -> torch.Tensor:
 def make_folder(root):
     """The tiny model (random weights, built by diffusers) saved as a diffusers folder; -> its path."""
     return write_diffusers(make_diffusers_pipe(0), root / "sd")
+
+
+_SHARED = []
+
+
+def shared_folder():
+    """One such folder for the whole test session (the tests only read it), removed at exit."""
+    if not _SHARED:
+        root = Path(tempfile.mkdtemp(prefix="minidiff-interop-"))
+        atexit.register(shutil.rmtree, root, True)
+        _SHARED.append(make_folder(root))
+    return _SHARED[0]
 
 
 def load_diffusers(folder):

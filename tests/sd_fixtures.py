@@ -52,12 +52,13 @@ def _jitter(model, seed):
     return model.eval()
 
 
-def make_diffusers_pipe(seed: int = 0):
+def make_diffusers_pipe(seed: int = 0, in_channels: int = 4):
+    """in_channels=9: the U-Net of an inpainting model (sd-v1-5-inpainting's layout: latents + mask + masked image)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
-    unet = _jitter(UNet2DConditionModel(**TINY_UNET), seed)
+    unet = _jitter(UNet2DConditionModel(**{**TINY_UNET, "in_channels": in_channels}), seed)
     vae = _jitter(AutoencoderKL(**TINY_VAE), seed + 1)
     text = _jitter(CLIPTextModel(CLIPTextConfig(**TINY_TEXT)), seed + 2)
     tok = CLIPTokenizer(str(VOCAB / "vocab.json"), str(VOCAB / "merges.txt"), model_max_length=77)

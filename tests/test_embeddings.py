@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 import minidiff
-from interop_helpers import TOL, base_pair, load_diffusers, make_folder, ours, theirs
+from interop_helpers import TOL, base_pair, load_diffusers, ours, shared_folder, theirs
 from minidiff.formats.embeddings import EmbeddingError, read_embedding, save_embedding
 from minidiff.tokenizer import CLIPTokenizer
 from sd_fixtures import VOCAB
@@ -15,8 +15,8 @@ D = 64  # the tiny text encoder's width
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp("ti"))
+def folder():
+    return shared_folder()
 
 
 def _vectors(n, seed=0):

@@ -1,5 +1,6 @@
-"""LoRA (Hu et al. 2021) on the U-Net's attention projections: exactly the base model at step 0, h = W₀x + (α/r)·BAx,
-merging and the separate file give the model that was trained, and fine-tuning with --train lora exports both."""
+"""LoRA (Hu et al. 2021) on the U-Net's attention projections (and on convolutions, the text encoder): exactly the
+base model at step 0, h = W₀x + (α/r)·BAx, merging and the separate file give the model that was trained, it trains,
+and fine-tuning with --train lora exports both. The file formats: tests/test_lora_formats.py."""
 import copy
 
 import pytest
@@ -7,9 +8,10 @@ import torch
 from torch import nn
 
 import minidiff
+from minidiff import kernels
 from minidiff.finetune import train
-from minidiff.lora import (TARGETS, LoRALinear, apply_lora, inject_lora, lora_layers, lora_parameters, merge_lora,
-                           read_lora, save_lora)
+from minidiff.lora import (TARGETS, TEXT_ENCODER_TARGETS, UNET_CONV_TARGETS, UNET_TARGETS, LoRAConv2d, LoRALinear,
+                           apply_lora, inject_lora, lora_layers, lora_parameters, merge_lora, read_lora, save_lora)
 from test_finetune import build_tiny_pipe, cfg_for, tiny  # noqa: F401  (tiny is a fixture)
 
 
@@ -48,7 +50,7 @@ def test_targets_are_the_attention_projections_only():
     trainable = [p for p in unet.parameters() if p.requires_grad]
     assert {id(p) for p in trainable} == {id(p) for p in lora_parameters(unet)}
     with pytest.raises(ValueError, match="nothing to put LoRA on"):
-        inject_lora(nn.Sequential(nn.Conv2d(1, 1, 1)), rank=2)
+        inject_lora(nn.Sequential(nn.GroupNorm(1, 1)), rank=2, targets=("0",))
 
 
 def test_forward_is_w0x_plus_scaled_bax():
@@ -97,6 +99,42 @@ def test_merge_and_the_separate_file_give_the_trained_model(tmp_path):
         apply_lora(nn.Sequential(nn.Linear(2, 2)), path)
 
 
+def test_locon_and_text_encoder_lora_train():
+    """LoRA on convolutions (LoCon) and on the text encoder: exactly the base at step 0, and one backward pass
+    reaches every A and B (B first: it starts at 0, so A's gradient is 0 until B moves) and nothing else."""
+    pipe = build_tiny_pipe(0)
+    x = _inputs(pipe.unet)
+    ids = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(0))
+    # exactly: on the reference kernels (the fast ones stack the Q/K/V matmuls of plain layers, not of wrapped ones,
+    # which moves the last bit; tests/test_speed.py holds wrapped layers on the fast kernels to the tolerance)
+    with torch.no_grad(), kernels.use("reference"):
+        before = pipe.unet(*x), pipe.text_encoder(ids)
+    unet_layers = inject_lora(pipe.unet, rank=2, targets=UNET_TARGETS + UNET_CONV_TARGETS)
+    text_layers = inject_lora(pipe.text_encoder, rank=2, targets=TEXT_ENCODER_TARGETS)
+    assert any(isinstance(m, LoRAConv2d) and m.base.kernel_size == (3, 3) for m in unet_layers.values())
+    assert {p.rsplit(".", 1)[-1] for p in text_layers} == set(TEXT_ENCODER_TARGETS)
+    with torch.no_grad(), kernels.use("reference"):
+        assert torch.equal(pipe.unet(*x), before[0]) and torch.equal(pipe.text_encoder(ids), before[1])
+    pipe.unet.train()
+    loss = pipe.unet(x[0], x[1], pipe.text_encoder(ids)).square().mean()
+    loss.backward()
+    params = lora_parameters(pipe.unet) + lora_parameters(pipe.text_encoder)
+    assert all(p.grad is not None for p in params)
+    assert all(p.grad.abs().sum() > 0 for m in [*unet_layers.values(), *text_layers.values()]
+               for p in [m.lora_B.weight])
+    trainable = [p for net in (pipe.unet, pipe.text_encoder) for p in net.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in params}
+
+
+def test_forward_takes_a_residual():
+    """forward(x, add=r) = base(x) + ΔW x + r: what minidiff.nn.Linear's callers pass to output projections."""
+    lora = LoRALinear(nn.Linear(6, 5), rank=2)
+    with torch.no_grad():
+        lora.lora_B.weight.normal_()
+    x, r = torch.randn(3, 6), torch.randn(3, 5)
+    torch.testing.assert_close(lora(x, add=r), lora(x) + r)
+
+
 def test_finetune_lora_exports_merged_and_separate(tiny, tmp_path):
     out = tmp_path / "out"
     train(cfg_for(tiny, out, steps=3, train="lora", lora_rank=2, lora_alpha=4, lora_export="separate", lr=1e-2))
@@ -108,6 +146,20 @@ def test_finetune_lora_exports_merged_and_separate(tiny, tmp_path):
     for k, v in base.unet.state_dict().items():
         torch.testing.assert_close(v, t[k], rtol=0, atol=1e-6)
     assert read_lora(out / "lora.safetensors")[1]["base_model"] == tiny["model"]
+    assert all(torch.equal(v, base.text_encoder.state_dict()[k]) for k, v in tuned.text_encoder.state_dict().items())
+    # --lora-text-encoder: the text encoder's LoRA trains too, and is in the merged model and in the file
+    train(cfg_for(tiny, tmp_path / "te", steps=3, train="lora", lora_rank=2, lora_text_encoder=True,
+                  lora_export="separate", lr=1e-2))
+    tuned, base = minidiff.load(tmp_path / "te"), minidiff.load(tiny["model"])
+    t, b = tuned.text_encoder.state_dict(), base.text_encoder.state_dict()
+    changed = {k for k in b if not torch.equal(t[k], b[k])}
+    assert changed and all(k.endswith(tuple(f"{n}.weight" for n in TEXT_ENCODER_TARGETS)) for k in changed)
+    apply_lora(base, tmp_path / "te" / "lora.safetensors")
+    for net, ref in [(base.unet, tuned.unet), (base.text_encoder, tuned.text_encoder)]:
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(v, ref.state_dict()[k], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="lora_text_encoder needs train='lora'"):
+        cfg_for(tiny, tmp_path / "x", lora_text_encoder=True)
     # merge (the default) writes no separate file
     train(cfg_for(tiny, tmp_path / "merged", steps=1, train="lora", lora_rank=2))
     assert not (tmp_path / "merged" / "lora.safetensors").exists()

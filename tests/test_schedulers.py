@@ -9,8 +9,9 @@ import diffusers
 import pytest
 import torch
 
-from minidiff.schedulers import (SCHEDULERS, SD_V1_CONFIG, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                                 EulerDiscreteScheduler, PNDMScheduler, make_scheduler)
+from minidiff.schedulers import (SCHEDULER_NAMES, SCHEDULERS, SD_V1_CONFIG, DDIMScheduler, DDPMScheduler,
+                                 DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                                 LMSDiscreteScheduler, PNDMScheduler, make_scheduler, scheduler_name)
 
 diffusers.utils.logging.set_verbosity_error()  # silence "config attributes ... will be ignored"
 
@@ -27,8 +28,10 @@ def fake_model(x, t):
 
 
 def pair(name, cfg):
+    """Ours by name ("dpmpp_karras" included) and diffusers' class built from the same config (+ what the name set)."""
     ours = make_scheduler(name, cfg)
-    ref = getattr(diffusers, ours.class_name).from_config(cfg)
+    karras = {"use_karras_sigmas": True} if name.endswith("_karras") else {}
+    ref = getattr(diffusers, ours.class_name).from_config({**cfg, **karras})
     return ours, ref
 
 
@@ -74,6 +77,91 @@ def test_loop_matches_diffusers(name, cfg, n):
     ours, ref = pair(name, cfg)
     a, b = run_loops(ours, ref, n, seed=0)
     close(a, b)
+
+
+@pytest.mark.parametrize("name", ["euler_karras", "lms_karras", "dpmpp_karras"])
+@pytest.mark.parametrize("cfg,n", [(SD, 10), (SD, 30), (LINEAR_V, 20)], ids=["sd-10", "sd-30", "linear-trailing-v-20"])
+def test_karras_loop_matches_diffusers(name, cfg, n):
+    """use_karras_sigmas=True (the "_karras" names): σ_i from Karras eq. 5, t from σ."""
+    ours, ref = pair(name, cfg)
+    assert ours.config["use_karras_sigmas"] is True
+    a, b = run_loops(ours, ref, n, seed=0)
+    close(ours.sigmas, ref.sigmas)
+    close(a, b)
+
+
+@pytest.mark.parametrize("extra,n", [({"prediction_type": "v_prediction"}, 12), ({"timestep_spacing": "leading"}, 20),
+                                     ({"prediction_type": "sample"}, 10), ({"beta_schedule": "linear"}, 8)],
+                         ids=["v", "leading", "pred-sample", "linear"])
+def test_lms_options(extra, n):
+    ours, ref = pair("lms", {**SD, **extra})
+    run_loops(ours, ref, n)
+
+
+@pytest.mark.parametrize("extra,n", [({"prediction_type": "v_prediction"}, 12), ({"timestep_spacing": "leading"}, 20),
+                                     ({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, 10)],
+                         ids=["v", "leading", "zero-snr"])
+def test_euler_ancestral_options(extra, n):
+    ours, ref = pair("euler_a", {**SD, **extra})
+    run_loops(ours, ref, n, seed=5)
+
+
+def test_euler_ancestral_draws_noise_every_step_like_diffusers():
+    """The generator advances once per step, the last one included (σ_up = 0 there): explicit noise z_i equals the
+    i-th draw of the seeded generator."""
+    ours, ref = pair("euler_a", SD)
+    g = torch.Generator().manual_seed(2)
+    noises = [torch.randn(SHAPE, generator=g) for _ in range(8)]
+    a, b = run_loops(ours, ref, 8, seed=2, noises=noises)
+    close(a, b)
+
+
+def test_lms_coefficients_integrate_the_lagrange_basis():
+    """c_ij is ∫ ℓ_j over [σ_i, σ_{i+1}]; the k weights of one step sum to σ_{i+1} - σ_i (ℓ's sum to 1), checked
+    against a numerical integral written out here."""
+    s = make_scheduler("lms", SD)
+    s.set_timesteps(10)
+    sig = s.sigmas.double()
+    i, k = 5, 4
+    for j in range(k):
+        tau = torch.linspace(float(sig[i]), float(sig[i + 1]), 20001, dtype=torch.float64)
+        ell = torch.ones_like(tau)
+        for m in range(k):
+            if m != j:
+                ell = ell * (tau - sig[i - m]) / (sig[i - j] - sig[i - m])
+        assert s.lms_coefficient(k, i, j) == pytest.approx(torch.trapezoid(ell, tau).item(), rel=1e-6, abs=1e-9)
+    total = sum(s.lms_coefficient(k, i, j) for j in range(k))
+    assert total == pytest.approx(float(sig[i + 1] - sig[i]), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULER_NAMES))
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+def test_mid_schedule_start_matches_diffusers(name, strength):
+    """Image-to-image starts part-way down: timesteps[t_start:], set_begin_index(t_start) where the sampler has one,
+    x = add_noise(x_0, ε, first t), then the loop — and, as inpainting does, add_noise at the next t after each
+    step (which then reads the current step index)."""
+    n = 10
+    ours, ref = pair(name, SD)
+    ours.set_timesteps(n)
+    ref.set_timesteps(n)
+    t_start = n - int(n * strength)
+    ts = ours.timesteps[t_start:]
+    assert torch.equal(ts, ref.timesteps[t_start:])
+    for s in (ours, ref):
+        if hasattr(ref, "set_begin_index"):
+            s.set_begin_index(t_start)
+    x0, eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4)), torch.randn(SHAPE)
+    a, b = ours.add_noise(x0, eps, ts[:1].repeat(2)), ref.add_noise(x0, eps, ts[:1].repeat(2))
+    close(a, b)
+    ga, gb = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    ref_takes_gen = "generator" in inspect.signature(ref.step).parameters
+    for i, t in enumerate(ts):
+        a = ours.step(fake_model(ours.scale_model_input(a, t), t), t, a, generator=ga)
+        b = ref.step(fake_model(ref.scale_model_input(b, t), t), t, b,
+                     **({"generator": gb} if ref_takes_gen else {})).prev_sample
+        close(a, b)
+        if i < len(ts) - 1:
+            close(ours.add_noise(x0, eps, ts[i + 1:i + 2]), ref.add_noise(x0, eps, ts[i + 1:i + 2]))
 
 
 # -------------------------------------------------------------------------------------------- per-scheduler options
@@ -246,13 +334,37 @@ def test_add_noise_matches_forward_process_formula():
 
 # ------------------------------------------------------------------------------------------------------- config
 def test_make_scheduler_unknown_name():
-    with pytest.raises(ValueError, match="ddim.*ddpm.*dpmpp.*euler.*pndm"):
-        make_scheduler("lms", SD)
+    with pytest.raises(ValueError, match="unknown scheduler 'heun'; choose from ddim, ddpm, dpmpp, dpmpp_karras, "
+                                         "euler, euler_a, euler_karras, lms, lms_karras, pndm"):
+        make_scheduler("heun", SD)
+    with pytest.raises(ValueError, match="unknown scheduler 'euler_a_karras'"):  # diffusers' Euler-a has no Karras σ
+        make_scheduler("euler_a_karras", SD)
+
+
+def test_names_are_case_insensitive():
+    assert type(make_scheduler("Euler_A", SD)) is EulerAncestralDiscreteScheduler
+    s = make_scheduler("DPMPP_Karras", SD)
+    assert type(s) is DPMSolverMultistepScheduler and s.config["use_karras_sigmas"] is True
+    assert make_scheduler("dpmpp", SD).config["use_karras_sigmas"] is False
 
 
 def test_registry_and_classes():
     assert SCHEDULERS == {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler,
-                          "euler": EulerDiscreteScheduler, "dpmpp": DPMSolverMultistepScheduler}
+                          "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
+                          "lms": LMSDiscreteScheduler, "dpmpp": DPMSolverMultistepScheduler}
+    assert SCHEDULER_NAMES == sorted([*SCHEDULERS, "euler_karras", "lms_karras", "dpmpp_karras"])
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_config_class_names_pick_the_scheduler(name):
+    assert scheduler_name({**SD, "_class_name": SCHEDULERS[name].__name__}) == name
+
+
+@pytest.mark.parametrize("cls", ["HeunDiscreteScheduler", None])
+def test_unknown_config_class_warns_and_says_what_is_used(cls):
+    with pytest.warns(UserWarning, match=f"names {cls!r}, which minidiff does not implement; sampling with "
+                                         "PNDMScheduler"):
+        assert scheduler_name({**SD, "_class_name": cls}) == "pndm"
 
 
 def test_from_config_ignores_unknown_keys():

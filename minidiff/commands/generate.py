@@ -1,10 +1,13 @@
-"""`minidiff generate PROMPT --out FILE.png`: text to image on the embedded default model, or on any model minidiff loads."""
+"""`minidiff generate PROMPT --out FILE.png`: text to image on the embedded default model, or on any model minidiff loads;
+with `--image in.png [--strength 0.6]` image to image, with `--mask mask.png` too inpainting (white = repaint)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# minidiff.schedulers.SCHEDULER_NAMES, written out so `--help` needs no torch (tests/test_cli_generate.py compares them)
+SCHEDULERS = ("ddim", "ddpm", "dpmpp", "dpmpp_karras", "euler", "euler_a", "euler_karras", "lms", "lms_karras", "pndm")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,8 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--scheduler", default=None, choices=["pndm", "ddim", "ddpm", "euler", "dpmpp"],
-                   help="default: the model's own (pndm for SD v1.4, ddim for the embedded model)")
+    p.add_argument("--scheduler", default=None, type=str.lower, choices=SCHEDULERS, metavar="NAME",
+                   help=f"one of {', '.join(SCHEDULERS)} (any case); default: the model's own (pndm for SD v1.4, "
+                        "ddim for the embedded model)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--height", type=int, default=None)
@@ -25,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--compile", action="store_true", help="torch.compile the networks first")
     p.add_argument("--ema", action="store_true", help="CompVis files: use the EMA weights")
+    p.add_argument("--image", default=None, help="start from this picture (image to image); the output takes its size")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="with --image: how much of the schedule runs, 0..1 (1 = ignore the picture's content)")
+    p.add_argument("--mask", default=None, help="with --image: inpaint where this mask is white (same size as --image)")
     p.add_argument("--upscale", type=int, default=0,
                    help="nearest-neighbour enlargement for viewing (default: small images are enlarged to >= 256 px)")
 
@@ -41,11 +49,24 @@ def run(args) -> int:
     import minidiff
     from minidiff.files import atomic_write
 
+    if args.mask and not args.image:
+        raise SystemExit("minidiff generate: --mask needs --image (the picture to inpaint)")
+    pictures = {}
+    for flag, path in (("image", args.image), ("mask_image", args.mask)):
+        if path:
+            try:
+                pictures[flag] = Image.open(path)
+                pictures[flag].load()
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"minidiff generate: --{'mask' if flag == 'mask_image' else 'image'} {path}: "
+                                 f"cannot read it as an image ({e})") from None
+    if pictures:
+        pictures["strength"] = args.strength
     pipe = minidiff.load(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                          compile=args.compile, ema=args.ema)
     images = pipe.generate(args.prompt, negative_prompt=args.negative, steps=args.steps,
                            guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
-                           height=args.height, width=args.width, num_images=args.num_images)
+                           height=args.height, width=args.width, num_images=args.num_images, **pictures)
     for image, path in zip(images, output_paths(args.out, len(images))):
         k = args.upscale or max(1, -(-256 // max(image.size)))  # ceil(256 / side)
         if k > 1:

@@ -141,10 +141,11 @@ _STACKED: dict[tuple, tuple] = {}   # ids of the layers -> (key, weight, bias)
 
 
 def can_stack(*layers) -> bool:
-    """Several projections of one input can run as one matmul against their stacked weights — at inference, off the
-    reference backend, and only for plain linear layers (a LoRA-wrapped layer keeps its own forward)."""
-    return (_backend != "reference" and not torch.is_grad_enabled()
-            and all(isinstance(m, torch.nn.Linear) for m in layers))
+    """Several projections of one input can run as one matmul against their stacked weights — when no weight of
+    theirs needs a gradient (training runs the chapter's three matmuls), off the reference backend, and only for
+    plain linear layers (a LoRA-wrapped layer keeps its own forward)."""
+    return (_backend != "reference" and all(isinstance(m, torch.nn.Linear) for m in layers)
+            and not (torch.is_grad_enabled() and any(p.requires_grad for m in layers for p in m.parameters())))
 
 
 def stacked(*layers) -> tuple:

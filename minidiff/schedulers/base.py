@@ -226,6 +226,31 @@ class Scheduler:
         ts = spaced_timesteps(num_inference_steps, T, cfg["timestep_spacing"], cfg["steps_offset"])
         self.timesteps = torch.from_numpy(ts).to(device)
 
+    # ------------------------------------------------------------------- starting mid-schedule (image-to-image)
+    # Samplers that keep a position in a σ table (Euler, Euler ancestral, LMS, DPM-Solver++) count steps from
+    # `step_index`. Image-to-image starts part-way down the schedule; diffusers' pipelines then call
+    # set_begin_index(i) so the first step (and add_noise before it) use entry i instead of searching for t.
+    _begin_index = None
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        self._begin_index = begin_index
+
+    def _init_step_index(self, timestep):
+        """The position of the first step: begin_index when set, else where `timestep` sits in self.timesteps."""
+        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+
+    def _noise_indices(self, timesteps) -> list[int]:
+        """Which σ add_noise uses for each t, as diffusers' σ-schedulers choose it: the position of t (no begin
+        index: training, or a pipeline that never set one); the current step (inpainting, after a step);
+        begin_index (image-to-image, before the first step)."""
+        if self._begin_index is None:
+            return [self.index_for_timestep(t) for t in timesteps]
+        return [self._begin_index if self._step_index is None else self._step_index] * len(timesteps)
+
     # --------------------------------------------------------------------------------------- shared maths
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """What the network is fed at timestep t. Identity for the VP samplers (x_t already has unit variance)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import SCHEDULE_DEFAULTS, Scheduler, karras_sigmas, sigma_to_t
+from .base import SCHEDULE_DEFAULTS, Scheduler, karras_sigmas, per_sample, sigma_to_t
 
 
 class DPMSolverMultistepScheduler(Scheduler):
@@ -101,6 +101,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)           # [n]
         self.num_inference_steps = len(timesteps)
         self._reset()
+        self._begin_index = None
 
     def index_for_timestep(self, timestep) -> int:
         """Position of `timestep` in self.timesteps (2nd match if repeated; the last step if absent, as diffusers)."""
@@ -163,7 +164,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
         if self._step_index is None:
-            self._step_index = self.index_for_timestep(timestep)
+            self._init_step_index(timestep)
         cfg = self._settings
         n = len(self.timesteps)
         # the last step drops to 1st order: always when it ends at σ = 0, and for short schedules (< 15 steps)
@@ -182,6 +183,12 @@ class DPMSolverMultistepScheduler(Scheduler):
         return prev_sample.to(model_output.dtype)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The VP forward process x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε for integer t (diffusers goes through σ_VE of the
-        scheduled t; the same numbers to rounding). [B, C, H, W], timesteps [B] -> [B, C, H, W]."""
-        return super().add_noise(original_samples, noise, timesteps.long())
+        """The VP forward process x_t = α_t x_0 + σ_t ε. Before set_timesteps: at integer training timesteps t
+        (α_t = √ᾱ_t, σ_t = √(1-ᾱ_t)); after it, at the schedule's own σ_VE (with Karras σ's they lie between the
+        integer t's), chosen as Scheduler._noise_indices says. [B, C, H, W], timesteps [B] -> [B, C, H, W]."""
+        if self.num_inference_steps is None:
+            return super().add_noise(original_samples, noise, timesteps.long())
+        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        sigma = per_sample(sigmas[self._noise_indices(timesteps.to(self.timesteps.device))], original_samples.ndim)
+        alpha_t, sigma_t = self._alpha_sigma(sigma)
+        return alpha_t * original_samples + sigma_t * noise

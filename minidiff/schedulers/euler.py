@@ -41,7 +41,7 @@ class EulerDiscreteScheduler(Scheduler):
 
     def __init__(self, **settings):
         super().__init__(**settings)
-        if self._settings["rescale_betas_zero_snr"]:
+        if self._settings.get("rescale_betas_zero_snr"):
             self.alphas_cumprod[-1] = 2 ** -24  # ᾱ_T = 0 would make σ_T infinite: keep it huge but finite
         T = self.num_train_timesteps
         sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).flip(0)          # [T], σ(T-1) .. σ(0)
@@ -74,13 +74,13 @@ class EulerDiscreteScheduler(Scheduler):
         sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # σ(t), t = 0..T-1
         log_sigmas = np.log(sigmas)
         sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)  # σ at (fractional) t, linear in t
-        if cfg["use_karras_sigmas"]:  # Karras eq. 5 between the same σ_max and σ_min; t follows from σ
-            lo = cfg["sigma_min"] if cfg["sigma_min"] is not None else sigmas[-1].item()
-            hi = cfg["sigma_max"] if cfg["sigma_max"] is not None else sigmas[0].item()
+        if cfg.get("use_karras_sigmas"):  # Karras eq. 5 between the same σ_max and σ_min; t follows from σ
+            lo = cfg["sigma_min"] if cfg.get("sigma_min") is not None else sigmas[-1].item()
+            hi = cfg["sigma_max"] if cfg.get("sigma_max") is not None else sigmas[0].item()
             sigmas = karras_sigmas(lo, hi, n)
             timesteps = sigma_to_t(sigmas, log_sigmas)
 
-        if cfg["final_sigmas_type"] == "sigma_min":  # stop at σ(0) instead of 0
+        if cfg.get("final_sigmas_type") == "sigma_min":  # stop at σ(0) instead of 0
             sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
         else:
             sigma_last = 0
@@ -88,6 +88,7 @@ class EulerDiscreteScheduler(Scheduler):
         self.sigmas = torch.from_numpy(sigmas)                                          # [n+1], kept on the CPU
         self.timesteps = torch.from_numpy(timesteps.astype(np.float32)).to(device=device)  # [n]
         self._step_index = None
+        self._begin_index = None
 
     def index_for_timestep(self, timestep) -> int:
         """Position of `timestep` in self.timesteps (the second match if it occurs twice, as diffusers)."""
@@ -101,7 +102,7 @@ class EulerDiscreteScheduler(Scheduler):
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """x -> c_in x = x / √(σ²+1): the network was trained on variance-preserving x_t. [B,C,H,W] -> [B,C,H,W]."""
         if self._step_index is None:
-            self._step_index = self.index_for_timestep(timestep)
+            self._init_step_index(timestep)
         sigma = self.sigmas[self._step_index]
         return sample / ((sigma ** 2 + 1) ** 0.5)
 
@@ -111,7 +112,7 @@ class EulerDiscreteScheduler(Scheduler):
         """x_i -> x_{i+1} = x_i + (σ_{i+1} - σ̂_i) d_i. model_output, sample: [B, C, H, W] -> [B, C, H, W].
         s_churn > 0 first adds noise to raise σ_i to σ̂_i (Algorithm 2); `noise` / `generator` are used then."""
         if self._step_index is None:
-            self._step_index = self.index_for_timestep(timestep)
+            self._init_step_index(timestep)
         sample = sample.to(torch.float32)  # the ODE is integrated in fp32 even for a fp16 model
         sigma = self.sigmas[self._step_index]
 
@@ -139,9 +140,10 @@ class EulerDiscreteScheduler(Scheduler):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The forward process in this sampler's variable: x = x_0 + σ_t n, for t among self.timesteps (before
-        set_timesteps: any integer 0..T-1). x_0, noise: [B, C, H, W]; timesteps: [B] -> [B, C, H, W]."""
+        set_timesteps: any integer 0..T-1); which σ when a begin index is set: see Scheduler._noise_indices.
+        x_0, noise: [B, C, H, W]; timesteps: [B] -> [B, C, H, W]."""
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        idx = [self.index_for_timestep(t) for t in timesteps.to(self.timesteps.device)]
+        idx = self._noise_indices(timesteps.to(self.timesteps.device))
         return original_samples + noise * per_sample(sigmas[idx], original_samples.ndim)
 
     def get_velocity(self, sample, noise, timesteps):

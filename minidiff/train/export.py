@@ -1,8 +1,8 @@
 """Training, step 8 — export: the result as files other tools read.
 
   OUT/                     a diffusers model folder (minidiff.load, diffusers' StableDiffusionPipeline)
-  OUT/lora.safetensors     --train lora --lora-export separate: the U-Net's LoRA (minidiff.lora.apply_lora on the base)
-  OUT/lora_text_encoder.safetensors   ... and the text encoder's, with --lora-text-encoder
+  OUT/lora.safetensors     --train lora --lora-export separate: the LoRA (the U-Net's, and the text encoder's with
+                           --lora-text-encoder; minidiff.lora.apply_lora on the base)
   OUT/learned_embeds.safetensors      --train textual-inversion: {token: [d] or [n, d]} (diffusers)
   OUT/<token>.pt, OUT/<token>.safetensors   the same vectors in AUTOMATIC1111's form
   OUT/model.safetensors    --export-compvis: the same model in the CompVis single-file layout
@@ -12,17 +12,13 @@ For textual inversion the model folder IS the base model, bit for bit: the new w
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from ..files import atomic_write
-from .trainable import TEXT_ENCODER_TARGETS, remove_placeholder
+from .trainable import remove_placeholder
 
 
 def embedding_file_stem(token: str) -> str:
@@ -44,21 +40,16 @@ def export_model(pipe, out, cfg, step: int | None = None) -> Path:
     """Write the model into OUT as a diffusers folder without touching OUT's logs and checkpoints: saved whole into
     a temporary OUT/.export-*, then each part renamed into place, model_index.json last."""
     import minidiff
-    from ..lora import lora_layers, lora_state_dict, merge_lora, save_lora
+    from ..lora import lora_layers, merge_lora, save_lora
 
     out = Path(out)
     learned = remove_placeholder(pipe)                 # textual inversion: the base token table goes back
     if learned is not None:
         export_embeddings(out, cfg.placeholder_token, learned, step or cfg.steps)
-    if lora_layers(pipe.unet) and cfg.lora_export == "separate":
-        save_lora(pipe.unet, out / "lora.safetensors", {"base_model": str(cfg.model or "embedded")})
-    if lora_layers(pipe.text_encoder) and cfg.lora_export == "separate":
-        tensors = lora_state_dict(pipe.text_encoder, prefix="text_encoder.")
-        meta = {"format": "pt", "minidiff_lora": json.dumps({"rank": cfg.lora_rank, "alpha": float(
-            cfg.lora_alpha or cfg.lora_rank), "targets": list(TEXT_ENCODER_TARGETS)})}
-        atomic_write(out / "lora_text_encoder.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    merge_lora(pipe.unet)
-    merge_lora(pipe.text_encoder)
+    if lora_layers(pipe.unet) or lora_layers(pipe.text_encoder):
+        if cfg.lora_export == "separate":   # the U-Net's LoRA layers and the text encoder's, if it has any
+            save_lora(pipe, out / "lora.safetensors", extra_metadata={"base_model": str(cfg.model or "embedded")})
+        merge_lora(pipe)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
         minidiff.save(pipe, staging / "model", format="diffusers")

@@ -347,6 +347,13 @@ def _loop(cfg: FinetuneConfig, ctx: Dist, run: Run, reporter: Reporter) -> float
     A = cfg.grad_accum
     global_batch = cfg.batch_size * ctx.world * A
     params = list(run.trainable.values())
+    outside_ddp = [p for n, p in run.trainable.items() if n.startswith("text_encoder.")]
+
+    def sync_grads():                                       # DDP averages the U-Net's gradients; these, here
+        for p in outside_ddp:
+            if p.grad is not None:
+                p.grad.copy_(ctx.mean(p.grad))
+
     bar = tqdm(total=cfg.steps, initial=run.start, desc="fine-tuning", disable=not (cfg.progress and ctx.main))
     t_start, loss = time.perf_counter(), float("nan")
     try:
@@ -355,7 +362,8 @@ def _loop(cfg: FinetuneConfig, ctx: Dist, run: Run, reporter: Reporter) -> float
             r = loop.train_step([next(run.batches) for _ in range(A)], run.loss_fn, run.optimizer, params,
                                 lr_scheduler=run.scheduler, scaler=run.scaler, ema=run.ema, ema_params=run.trainable,
                                 max_grad_norm=cfg.max_grad_norm, mean=ctx.mean if ctx.world > 1 else None,
-                                no_sync=run.model.no_sync if ctx.world > 1 else None, step=step + 1,
+                                no_sync=run.model.no_sync if ctx.world > 1 else None,
+                                sync_grads=sync_grads if ctx.world > 1 and outside_ddp else None, step=step + 1,
                                 last_checkpoint=run.last_ckpt)
             loss, done, dt = r.loss, step + 1, time.perf_counter() - t0
             row = {"step": done, "loss": r.loss, "lr": r.lr, "samples_per_s": global_batch / dt,

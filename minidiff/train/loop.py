@@ -40,13 +40,14 @@ def autocast_for(device: torch.device, precision: str = "no"):
 
 def train_step(micro_batches, loss_fn, optimizer, params, *, lr_scheduler=None, scaler=None, ema=None,
                ema_params=None, max_grad_norm: float | None = None, autocast=nullcontext, mean=None, no_sync=None,
-               step: int | None = None, last_checkpoint=None) -> StepResult:
+               sync_grads=None, step: int | None = None, last_checkpoint=None) -> StepResult:
     """One optimizer step over `micro_batches` (an iterable of A batches; see the module docstring).
 
     loss_fn(batch) -> loss, or (loss, {name: number}); params: the trained tensors (clipping);
     ema / ema_params: a minidiff.ema.EMA and the {name: Parameter} it averages; mean(x): the average of a tensor
     over DDP processes (None: one process); no_sync(): the DDP model's no_sync context for all but the last
-    micro-batch; step / last_checkpoint: only for the NaN message. Raises TrainingDiverged on a NaN/inf loss."""
+    micro-batch; sync_grads(): averages the gradients DDP does not (tensors outside the DDP model), after the
+    backward passes; step / last_checkpoint: only for the NaN message. Raises TrainingDiverged on a NaN/inf loss."""
     batches = list(micro_batches)
     A = len(batches)
     loss_sum, logs = None, {}
@@ -59,6 +60,8 @@ def train_step(micro_batches, loss_fn, optimizer, params, *, lr_scheduler=None, 
             scaled = loss.float() / A
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+    if sync_grads is not None:
+        sync_grads()
     loss_mean = loss_sum / A
     if mean is not None:
         loss_mean = mean(loss_mean)

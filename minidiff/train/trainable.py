@@ -22,8 +22,6 @@ from torch import nn
 from ..formats.embeddings import token_names
 
 TRAIN_MODES = ("unet", "last-up-blocks", "lora", "textual-inversion")
-# the text encoder's attention projections (transformers' CLIP names), for --lora-text-encoder
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 class PlaceholderEmbedding(nn.Module):
@@ -93,9 +91,9 @@ def select_trainable(pipe, cfg) -> dict:
         for block in unet.up_blocks[n - cfg.up_blocks:]:   # the blocks nearest the output
             block.requires_grad_(True)
     elif cfg.train == "lora":
-        from ..lora import inject_lora
+        from ..lora import TEXT_ENCODER_TARGETS, inject_lora
         inject_lora(unet, cfg.lora_rank, cfg.lora_alpha)
-        if cfg.lora_text_encoder:
+        if cfg.lora_text_encoder:                        # CLIP's q/k/v/out projections and MLP too
             inject_lora(te, cfg.lora_rank, cfg.lora_alpha, targets=TEXT_ENCODER_TARGETS)
     elif cfg.train == "textual-inversion":
         add_placeholder(pipe, cfg.placeholder_token, cfg.initializer_token, cfg.num_vectors)
@@ -110,5 +108,5 @@ def text_encoder_trains(trainable: dict) -> bool:
     return any(name.startswith("text_encoder.") for name in trainable)
 
 
-__all__ = ["TRAIN_MODES", "TEXT_ENCODER_TARGETS", "PlaceholderEmbedding", "add_placeholder",
+__all__ = ["TRAIN_MODES", "PlaceholderEmbedding", "add_placeholder",
            "remove_placeholder", "select_trainable", "text_encoder_trains"]
