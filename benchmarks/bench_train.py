@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --device cuda            # GPU: the full SD v1.4 U-Net at 512² (64×64 latents)
 
 The step is the fine-tuning step (Rombach et al. 2022, eq. 2): z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε, loss = ‖ε − ε_θ(z_t, t, c)‖²,
-backward, AdamW. The text context is precomputed (the text encoder is frozen). Variants, each adding one thing:
+backward, AdamW — run by minidiff.train.loop.train_step, the one step `minidiff finetune` and `train-tiny` run too. The text context is precomputed (the text encoder is frozen). Variants, each adding one thing:
 
   baseline           fp32, eager, torch.optim.AdamW (foreach), the VAE encodes the images every step
   + cached latents   z_0 encoded once beforehand (the VAE is frozen: its output never changes)
@@ -27,9 +27,10 @@ from contextlib import nullcontext
 from _common import append_section, interleaved, load_average, md_table, median
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from minidiff import speed  # noqa: E402
+from minidiff.train import loop  # noqa: E402
+from minidiff.train.objective import diffusion_loss  # noqa: E402
 from minidiff.unet import UNet, UNetConfig  # noqa: E402
 from minidiff.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
@@ -59,7 +60,7 @@ class Trainer:
         if "+ checkpointing" in self.f:
             self.unet.enable_gradient_checkpointing()
         self.model = torch.compile(self.unet) if "+ torch.compile" in self.f else self.unet
-        params = [p for p in self.unet.parameters()]
+        params = self.params = [p for p in self.unet.parameters()]
         if "+ 8-bit Adam" in self.f:
             import bitsandbytes as bnb
             self.opt = bnb.optim.AdamW8bit(params, lr=1e-5)
@@ -70,7 +71,7 @@ class Trainer:
         self.alphas = alphas.to(device)
         self.g = torch.Generator(device).manual_seed(seed)
 
-    def step(self):
+    def loss(self, _batch):
         if "+ cached latents" in self.f:
             z0 = self.latents_cache
         else:
@@ -84,11 +85,11 @@ class Trainer:
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if "+ bf16 autocast" in self.f else nullcontext()
         with amp:
             pred = self.model(zt, t, self.context)
-        loss = F.mse_loss(pred.float(), eps)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return diffusion_loss(pred, eps, t, self.alphas)
+
+    def step(self):
+        # no clipping and no schedule: the benchmark times the forward, backward and optimizer update only
+        return loop.train_step([None], self.loss, self.opt, self.params).loss
 
 
 def data(cfg, device):

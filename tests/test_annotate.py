@@ -212,6 +212,7 @@ def test_cli_errors_without_metadata(tmp_path, capsys):
 
 
 def test_cli_serves_until_ctrl_c(folder):
+    # --no-browser: no window from a test; tests/test_cli.py runs the default (a browser opens, BROWSER=true)
     proc = subprocess.Popen([sys.executable, "-m", "minidiff", "annotate", str(folder), "--no-browser", "--port", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -23,7 +23,7 @@ def test_two_processes_match_one(tiny, tmp_path):
            "-m", "minidiff", "finetune", "--model", tiny["model"], "--data", tiny["data"], "--output", str(two),
            "--steps", "3", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--resolution", "16",
            "--checkpoint-every", "2", "--random-flip", "--caption-dropout", "0.3", "--adam-eps", str(EQUIV["adam_eps"]),
-           "--validation-steps", "0", "--no-progress"]
+           "--validation-steps", "2", "--no-progress"]   # validation on (rank 0 renders, as users run it)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

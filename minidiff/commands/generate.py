@@ -48,6 +48,7 @@ def run(args) -> int:
     from PIL import Image
 
     import minidiff
+    from minidiff.files import atomic_write
 
     from minidiff.validation import NonFiniteError
 
@@ -77,7 +78,7 @@ def run(args) -> int:
         k = args.upscale or max(1, -(-256 // max(image.size)))  # ceil(256 / side)
         if k > 1:
             image = image.resize((image.width * k, image.height * k), Image.NEAREST)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        atomic_write(path, lambda tmp, image=image: image.save(tmp, format=Image.registered_extensions().get(
+            path.suffix.lower(), "PNG")))
         print(path)
     return 0
