@@ -11,7 +11,7 @@ prompt and seed for every row, in each dtype four variants:
 
   diffusers                    StableDiffusionPipeline as its users run it by default (AttnProcessor2_0 = torch SDPA)
   diffusers + torch.compile    pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
-  minidiff                     StableDiffusion.generate's default fast path (minidiff.speed.optimize)
+  minidiff                     StableDiffusion.generate's default kernels (minidiff.kernels: Triton on CUDA)
   minidiff + compile           minidiff.speed.compile_pipeline (U-Net with CUDA graphs, VAE decoder, text encoder)
 
 Both libraries read the very same weights: by default a diffusers pipeline with random weights is built from SD v1.4's
@@ -56,7 +56,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VARIANTS = ["diffusers", "diffusers + torch.compile", "minidiff", "minidiff + compile"]
 LABELS = {"diffusers": "diffusers (SDPA processor, default)",
           "diffusers + torch.compile": "diffusers + torch.compile (reduce-overhead, fullgraph)",
-          "minidiff": "**minidiff** (generate() default: speed.optimize)",
+          "minidiff": "**minidiff** (generate() default kernels)",
           "minidiff + compile": "**minidiff + compile** (speed.compile_pipeline)"}
 TARGET_IT_S = 165                                     # one H100, 512², 50 PNDM steps, batch 1
 TARGET_SAMPLES_PER_S = bench_train.TARGET_SAMPLES_PER_S
@@ -290,7 +290,7 @@ def notes_for(args, model_desc: str, cuda: bool = True) -> list[str]:
         "batch 2: classifier-free guidance)",
         "diffusers: StableDiffusionPipeline (default AttnProcessor2_0 = torch SDPA); + torch.compile: "
         "`pipe.unet = torch.compile(pipe.unet, mode=\"reduce-overhead\", fullgraph=True)`; minidiff: "
-        "`generate()`'s default fast path (`speed.optimize`); + compile: `speed.compile_pipeline` (U-Net "
+        "`generate()`'s default kernels (Triton on CUDA); + compile: `speed.compile_pipeline` (U-Net "
         "reduce-overhead = CUDA graphs, VAE decoder and text encoder default mode)",
         "it/s = (n − 1) / (t_last − t_first) over the per-step callbacks (diffusers `callback_on_step_end`, "
         "minidiff `generate(callback=)`), each stamp after torch.cuda.synchronize (both libraries pay that sync "
@@ -318,7 +318,7 @@ def training(args) -> dict:
     argv = ["--device", args.device]
     if args.smoke:  # a small U-Net, a few cheap variants: the wiring is what a smoke run checks
         argv += ["--config", "small", "--steps", "2", "--batch", "2",
-                 "--variants", "baseline,+ cached latents,+ speed.optimize,+ checkpointing"]
+                 "--variants", "baseline,+ cached latents,+ checkpointing"]
     if args.no_append or args.smoke:
         argv.append("--no-append")
     print("training: bench_train.main(" + repr(argv) + ")", flush=True)

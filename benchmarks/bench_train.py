@@ -4,11 +4,10 @@
     python benchmarks/bench_train.py --device cuda            # GPU: the full SD v1.4 U-Net at 512² (64×64 latents)
 
 The step is the fine-tuning step (Rombach et al. 2022, eq. 2): z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε, loss = ‖ε − ε_θ(z_t, t, c)‖²,
-backward, AdamW. The text context is precomputed (the text encoder is frozen). Variants, each adding one thing:
+backward, AdamW — run by minidiff.train.loop.train_step, the one step `minidiff finetune` and `train-tiny` run too. The text context is precomputed (the text encoder is frozen). Variants, each adding one thing:
 
   baseline           fp32, eager, torch.optim.AdamW (foreach), the VAE encodes the images every step
   + cached latents   z_0 encoded once beforehand (the VAE is frozen: its output never changes)
-  + speed.optimize   minidiff's fast modules: fused QKV (through torch.cat, so it trains), channels-last on the CPU
   + fused AdamW      AdamW(fused=True): one kernel for the whole update instead of a few per parameter group
   + bf16 autocast    matmuls and convolutions in bf16, weights and optimizer state in fp32
   + torch.compile    the U-Net's forward and backward compiled by inductor
@@ -28,9 +27,10 @@ from contextlib import nullcontext
 from _common import append_section, interleaved, load_average, md_table, median
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from minidiff import speed  # noqa: E402
+from minidiff.train import loop  # noqa: E402
+from minidiff.train.objective import diffusion_loss  # noqa: E402
 from minidiff.unet import UNet, UNetConfig  # noqa: E402
 from minidiff.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
@@ -43,7 +43,7 @@ CONFIGS = {
     # SD v1.4 at 512×512
     "sd14": dict(unet=UNetConfig(), vae=VAEConfig(), latent=64, context=768, batch=8),
 }
-VARIANTS = ["baseline", "+ cached latents", "+ speed.optimize", "+ fused AdamW", "+ bf16 autocast", "+ torch.compile", "+ checkpointing",
+VARIANTS = ["baseline", "+ cached latents", "+ fused AdamW", "+ bf16 autocast", "+ torch.compile", "+ checkpointing",
             "+ 8-bit Adam"]
 TARGET_SAMPLES_PER_S = 100   # GPU: full U-Net at 512², one H100
 TARGET_PEAK_GIB = 24         # GPU: full-U-Net fine-tune with checkpointing
@@ -59,10 +59,8 @@ class Trainer:
         self.unet = UNet(cfg["unet"]).to(device).train()
         if "+ checkpointing" in self.f:
             self.unet.enable_gradient_checkpointing()
-        if "+ speed.optimize" in self.f:
-            speed.optimize(self.unet, channels_last=device.type == "cpu")
         self.model = torch.compile(self.unet) if "+ torch.compile" in self.f else self.unet
-        params = [p for p in self.unet.parameters()]
+        params = self.params = [p for p in self.unet.parameters()]
         if "+ 8-bit Adam" in self.f:
             import bitsandbytes as bnb
             self.opt = bnb.optim.AdamW8bit(params, lr=1e-5)
@@ -73,7 +71,7 @@ class Trainer:
         self.alphas = alphas.to(device)
         self.g = torch.Generator(device).manual_seed(seed)
 
-    def step(self):
+    def loss(self, _batch):
         if "+ cached latents" in self.f:
             z0 = self.latents_cache
         else:
@@ -87,11 +85,11 @@ class Trainer:
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if "+ bf16 autocast" in self.f else nullcontext()
         with amp:
             pred = self.model(zt, t, self.context)
-        loss = F.mse_loss(pred.float(), eps)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return diffusion_loss(pred, eps, t, self.alphas)
+
+    def step(self):
+        # no clipping and no schedule: the benchmark times the forward, backward and optimizer update only
+        return loop.train_step([None], self.loss, self.opt, self.params).loss
 
 
 def data(cfg, device):

@@ -2,15 +2,15 @@
 
     python benchmarks/bench_unet_cpu.py                  # fp32 and bf16, eager, 5 interleaved rounds
     python benchmarks/bench_unet_cpu.py --compiled       # + torch.compile rows (minutes of compiling on 2 cores)
-    python benchmarks/bench_unet_cpu.py --extra-rows     # + diffusers with channels-last, minidiff reference modules
+    python benchmarks/bench_unet_cpu.py --extra-rows     # + diffusers with channels-last, minidiff on reference kernels
 
 The step: batch 2 (classifier-free guidance doubles batch 1), 64×64×4 latents (512×512 images), 77×768 text context.
 Random weights (PyTorch's default init), created once and shared: minidiff's UNet and diffusers' UNet2DConditionModel
 are built on the meta device and given the very same tensors (load_state_dict(assign=True)), so the comparison costs
-one copy of the weights per dtype (plus the channels-last copy of the conv weights that minidiff's fast path makes).
+one copy of the weights per dtype (plus the packed copy of the conv weights that minidiff's oneDNN kernels cache).
 
 diffusers runs as its users run it by default: UNet2DConditionModel with its default attention processor
-(AttnProcessor2_0 = torch's SDPA). minidiff runs what `StableDiffusion.generate` runs: `minidiff.speed.optimize`.
+(AttnProcessor2_0 = torch's SDPA). minidiff runs what `StableDiffusion.generate` runs: its default kernels (minidiff.kernels).
 Every variant is timed once per round, round after round (a, b, a, b, ...), so a change in the machine's load hits
 all alike; the table gives medians, and ratio = minidiff time / diffusers time (same dtype, same mode).
 """
@@ -24,7 +24,7 @@ from _common import append_section, interleaved, load_average, md_table, median
 
 import torch  # noqa: E402  (after _common put the repo on sys.path)
 
-from minidiff import speed  # noqa: E402
+from minidiff import kernels, speed  # noqa: E402
 from minidiff.unet import UNet, UNetConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -43,16 +43,25 @@ def build_models(sd: dict, cfg: UNetConfig, extra: bool) -> dict:
 
     diffusers_kwargs = {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
     models = {"diffusers": attach(lambda: UNet2DConditionModel(**diffusers_kwargs))}
-    minidiff = speed.optimize(attach(lambda: UNet(cfg)))
+    minidiff = attach(lambda: UNet(cfg))
     if extra:
-        models["minidiff-reference"] = attach(lambda: UNet(cfg))
-        cl_sd = minidiff.state_dict()  # its conv weights are already channels-last: share those too
-        with torch.device("meta"):
-            d = UNet2DConditionModel(**diffusers_kwargs)
-        d.load_state_dict(cl_sd, strict=True, assign=True)
-        models["diffusers+channels_last"] = d.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        models["minidiff-reference"] = ReferenceKernels(minidiff)   # the same module on kernels.use("reference")
+        d = attach(lambda: UNet2DConditionModel(**diffusers_kwargs))
+        models["diffusers+channels_last"] = d.to(memory_format=torch.channels_last)   # its own NHWC copy
     models["minidiff"] = minidiff
     return models
+
+
+class ReferenceKernels(torch.nn.Module):
+    """The same minidiff module, run on the reference kernels (what `pipe.fast = False` runs)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        with kernels.use("reference"):
+            return self.model(*args)
 
 
 def call(model, x, t, c):
@@ -92,8 +101,8 @@ def rows_for(dtype_name, mode, times, peaks, diffs, first_calls=None):
         peak = f"{peaks[name] / 2 ** 30:.2f}" if peaks.get(name) is not None else "n/a"
         label = {"diffusers": "diffusers (SDPA processor, default)",
                  "diffusers+channels_last": "diffusers + channels_last",
-                 "minidiff-reference": "minidiff reference modules (fast=False)",
-                 "minidiff": "**minidiff** (speed.optimize, the generate() default)"}[name]
+                 "minidiff-reference": "minidiff on the reference kernels (fast=False)",
+                 "minidiff": "**minidiff** (the default kernels: oneDNN)"}[name]
         rows.append([dtype_name, mode, label, f"{wall:.2f}", f"{min(t['wall']):.2f}", f"**{ratio:.2f}×**"
                      if name == "minidiff" else f"{ratio:.2f}×", f"{cpu:.1f}", f"{cpu / base_cpu:.2f}×", peak,
                      f"{diffs[name]:.0e}"])
@@ -165,14 +174,13 @@ def main(argv=None):
         "one guided U-Net step: batch 2, latents 2×4×64×64, context 2×77×768, timestep 500; full SD v1.4 U-Net "
         "(859.5 M parameters), random weights shared by both libraries (load_state_dict(assign=True))",
         "diffusers: UNet2DConditionModel as users run it by default (AttnProcessor2_0 = torch SDPA); minidiff: "
-        "`minidiff.speed.optimize` (oneDNN linears with fused epilogues, fused QKV, channels-last), which "
-        "`StableDiffusion.generate` applies by default",
+        "its default kernels (minidiff.kernels: oneDNN linears with fused epilogues, stacked QKV, packed "
+        "channels-last convolutions), the same modules `StableDiffusion.generate` runs",
         "variants timed round-robin (interleaved), medians of the rounds; ratio = minidiff / diffusers in the same "
         "dtype and mode; CPU s = process CPU time over all threads (less sensitive to other processes' load)",
         "peak extra GiB = peak resident memory during the first call minus the resident memory before it "
         "(activations and workspace, not the weights); minidiff's eager first call also makes its cached oneDNN copy "
-        "of the convolution weights (kept, so it counts again in no later row; `speed.optimize(..., "
-        "pack_conv_weights=False)` trades it for speed)",
+        "of the convolution weights (a cache beside the weights, kept, so it counts again in no later row)",
         "compiled rows: diffusers with torch.compile defaults; minidiff with speed.compile_options('cpu'), the options "
         "compile_pipeline uses" if args.compiled else "compiled rows not run this time (--compiled)",
         "the machine is shared with other engineers' tests and training jobs: see the load average line; wall-clock "

@@ -27,10 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
-import sys
 import threading
-import time
-import webbrowser
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -226,31 +223,3 @@ def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 0) -> Annotat
     server.thread = threading.Thread(target=server.serve_forever, name="minidiff-annotate", daemon=True)
     server.thread.start()
     return server
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("dir", metavar="DIR", help="an imagefolder (images + metadata.jsonl)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
-    parser.add_argument("--no-browser", action="store_true", help="do not open a browser, just print the address")
-
-
-def run(args) -> int:
-    try:
-        server = serve(args.dir, args.host, args.port)
-    except (FileNotFoundError, OSError) as e:
-        print(f"minidiff annotate: error: {e}", file=sys.stderr)
-        return 1
-    rows = server.listing()
-    done = sum(1 for r in rows.values() if r.get("reviewed") is True)
-    print(f"annotating {server.folder} ({done} / {len(rows)} reviewed) at {server.url}  — Ctrl+C to stop", flush=True)
-    if not args.no_browser:
-        webbrowser.open(server.url)
-    try:
-        while server.thread.is_alive():
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("\nstopped; every saved caption is in", server.folder / METADATA)
-    finally:
-        server.close()
-    return 0

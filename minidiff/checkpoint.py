@@ -14,11 +14,8 @@ The key rules live in keymaps.py; the model classes know nothing about files.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import shutil
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -28,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from . import keymaps
+from .files import atomic_dir, atomic_write
 from .clip import CLIPTextConfig, CLIPTextTransformer
 from .pipeline import SD_V1_SCHEDULER, StableDiffusion
 from .tokenizer import CLIPTokenizer
@@ -363,21 +361,8 @@ def _write_diffusers(pipe: StableDiffusion, root: Path):
 
 
 def _atomic_dir(path: Path, write):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_compvis(pipe: StableDiffusion, path: Path):
@@ -388,7 +373,4 @@ def _write_compvis(pipe: StableDiffusion, path: Path):
     sd.update(_export(pipe.text_encoder, keymaps.compvis_text))
     meta = {"unet": ucfg.to_diffusers(), "vae": vcfg.to_diffusers(),
             "text_encoder": pipe.text_encoder.config.to_transformers(), "scheduler": pipe.scheduler_config}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt", "minidiff": json.dumps(meta)})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt", "minidiff": json.dumps(meta)}))

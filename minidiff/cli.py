@@ -1,6 +1,6 @@
 """The `minidiff` command line: `minidiff SUBCOMMAND ...` or `python -m minidiff SUBCOMMAND ...`.
 
-Each subcommand lives in the module that does the work; that module exposes `add_arguments(parser)` and
+Each subcommand is a module of minidiff/commands/ (the only place with argparse); it exposes `add_arguments(parser)` and
 `run(args)`. The table below is the whole wiring: modules are imported only when their subcommand runs,
 so `minidiff --help` stays fast.
 """
@@ -13,11 +13,11 @@ import sys
 SUBCOMMANDS = {
     # name:         (module,                      one-line help)
     "generate":     ("minidiff.commands.generate", "text-to-image with the embedded default model or any SD v1 model"),
-    "train-tiny":   ("minidiff.tiny",              "train the tiny shapes model (VAE, CLIP, U-Net) from scratch on the CPU"),
-    "data":         ("minidiff.data.pokemon",      "build a dataset folder (imagefolder + metadata.jsonl)"),
-    "annotate":     ("minidiff.annotate",          "review and edit captions in a local web page"),
-    "finetune":     ("minidiff.finetune",          "fine-tune an SD v1 model on a captioned image folder"),
-    "compare":      ("minidiff.compare",           "render a base-vs-tuned comparison grid"),
+    "train-tiny":   ("minidiff.commands.train_tiny", "train the tiny shapes model (VAE, CLIP, U-Net) from scratch on the CPU"),
+    "data":         ("minidiff.commands.data",     "build a dataset folder (imagefolder + metadata.jsonl)"),
+    "annotate":     ("minidiff.commands.annotate", "review and edit captions in a local web page"),
+    "finetune":     ("minidiff.commands.finetune", "fine-tune an SD v1 model on a captioned image folder"),
+    "compare":      ("minidiff.commands.compare",  "render a base-vs-tuned comparison grid"),
 }
 
 

@@ -26,9 +26,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
+from . import kernels
 from .nn import attention
+from .nn.layers import Conv2d, LayerNorm, Linear
 
 
 def quick_gelu(x):
@@ -103,19 +106,22 @@ class CLIPAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_attention_heads {heads}")
         self.heads = heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
-    def forward(self, x, mask=None, causal: bool = False):
-        B, L, D = x.shape
+    def forward(self, x, mask=None, causal: bool = False, residual=None):
         h = self.heads
-        q = self.q_proj(x).view(B, L, h, D // h).transpose(1, 2)  # [B, L, D] -> [B, h, L, D/h]
-        k = self.k_proj(x).view(B, L, h, D // h).transpose(1, 2)  # [B, h, L, D/h]
-        v = self.v_proj(x).view(B, L, h, D // h).transpose(1, 2)  # [B, h, L, D/h]
-        out = attention(q, k, v, mask=mask, causal=causal)        # softmax(QKᵀ/√(D/h)) V: [B, h, L, D/h]
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))  # heads side by side again: [B, L, D]
+        if kernels.can_stack(self.q_proj, self.k_proj, self.v_proj):   # one matmul against [W_q; W_k; W_v]
+            qkv = kernels.linear(x, *kernels.stacked(self.q_proj, self.k_proj, self.v_proj))    # [B, L, 3D]
+            q, k, v = rearrange(qkv, "b l (three h d) -> three b h l d", three=3, h=h).unbind(0)
+        else:
+            q, k, v = (rearrange(proj(x), "b l (h d) -> b h l d", h=h)                         # [B, h, L, D/h]
+                       for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = attention(q, k, v, mask=mask, causal=causal)       # softmax(QKᵀ/√(D/h)) V: [B, h, L, D/h]
+        out = rearrange(out, "b h l d -> b l (h d)")             # heads side by side again: [B, L, D]
+        return self.out_proj(out) if residual is None else self.out_proj(out, add=residual)
 
 
 class CLIPMLP(nn.Module):
@@ -124,11 +130,12 @@ class CLIPMLP(nn.Module):
     def __init__(self, dim: int, inner: int, act: str):
         super().__init__()
         self.act = ACTIVATIONS[act]
-        self.fc1 = nn.Linear(dim, inner)
-        self.fc2 = nn.Linear(inner, dim)
+        self.fc1 = Linear(dim, inner)
+        self.fc2 = Linear(inner, dim)
 
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x, residual=None):
+        h = self.act(self.fc1(x))                                 # [B, L, inner]
+        return self.fc2(h) if residual is None else self.fc2(h, add=residual)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -138,13 +145,13 @@ class CLIPEncoderLayer(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.self_attn = CLIPAttention(d, cfg.num_attention_heads)
-        self.layer_norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(d, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(d, cfg.intermediate_size, cfg.hidden_act)
-        self.layer_norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(d, eps=cfg.layer_norm_eps)
 
     def forward(self, x, mask=None, causal: bool = False):
-        x = x + self.self_attn(self.layer_norm1(x), mask=mask, causal=causal)
-        return x + self.mlp(self.layer_norm2(x))
+        x = self.self_attn(self.layer_norm1(x), mask=mask, causal=causal, residual=x)   # x + Attn(LN(x))
+        return self.mlp(self.layer_norm2(x), residual=x)                               # x + MLP(LN(x))
 
 
 class CLIPEncoder(nn.Module):
@@ -187,7 +194,7 @@ class CLIPTextTransformer(nn.Module):
         self.config = config = config or CLIPTextConfig()
         self.embeddings = CLIPTextEmbeddings(config)
         self.encoder = CLIPEncoder(config)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         _init_weights(self, config)
 
     def forward(self, ids, attention_mask=None):
@@ -202,6 +209,20 @@ class CLIPTextTransformer(nn.Module):
             mask = attention_mask.bool()[:, None, None, :]      # [B, 1, 1, L]: which keys each query may see
         x = self.encoder(x, mask=mask, causal=True)             # [B, L, d]
         return self.final_layer_norm(x)
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, n: int) -> nn.Embedding:
+        """Grow (or cut) the token table to n rows, keeping the old rows bit for bit; new rows start at zero.
+        config.vocab_size follows. -> the new table (for textual-inversion vectors added to the vocabulary)."""
+        old = self.embeddings.token_embedding
+        new = nn.Embedding(n, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        new.weight.zero_()
+        k = min(n, old.num_embeddings)
+        new.weight[:k] = old.weight[:k]
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.embeddings.token_embedding = new
+        self.config.vocab_size = n
+        return new
 
     def eos_positions(self, ids):
         """[B] index of the token that sums up each prompt: the first <|endoftext|> (transformers-5's rule).
@@ -230,7 +251,7 @@ class CLIPImageEmbeddings(nn.Module):
         self.image_size = cfg.image_size
         self.class_embedding = nn.Parameter(torch.randn(d))
         # a P×P convolution with stride P = one linear map applied to every non-overlapping patch
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, d, kernel_size=P, stride=P, bias=False)
+        self.patch_embedding = Conv2d(cfg.num_channels, d, kernel_size=P, stride=P, bias=False)
         self.position_embedding = nn.Embedding((cfg.image_size // P) ** 2 + 1, d)
 
     def forward(self, images):
@@ -255,9 +276,9 @@ class CLIPImageEncoder(nn.Module):
         super().__init__()
         self.config = config = config or CLIPImageConfig()
         self.embeddings = CLIPImageEmbeddings(config)
-        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pre_layrnorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = CLIPEncoder(config)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         _init_weights(self, config)
 
     def tokens(self, images):
@@ -297,8 +318,8 @@ class CLIPModel(nn.Module):
         self.text_model = CLIPTextTransformer(text_config)
         self.vision_model = CLIPImageEncoder(image_config)
         dt, dv = self.text_model.config.hidden_size, self.vision_model.config.hidden_size
-        self.text_projection = nn.Linear(dt, embed_dim, bias=False)
-        self.visual_projection = nn.Linear(dv, embed_dim, bias=False)
+        self.text_projection = Linear(dt, embed_dim, bias=False)
+        self.visual_projection = Linear(dv, embed_dim, bias=False)
         nn.init.normal_(self.text_projection.weight, std=dt ** -0.5)
         nn.init.normal_(self.visual_projection.weight, std=dv ** -0.5)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))

@@ -17,7 +17,6 @@ new style with new objects ("A water type fridge") show what it learned and how 
 """
 from __future__ import annotations
 
-import argparse
 import textwrap
 from pathlib import Path
 
@@ -196,53 +195,6 @@ def compare(base, tuned, prompts=None, seeds=(0, 1), steps: int = 50, guidance: 
         side = max(rows[0][0].size)
         cell = side * max(1, -(-128 // side))   # tiny models' 32 px images: an integer enlargement to >= 128 px
     return make_grid(rows, prompts, cols, cell=cell, title=title)
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default=None, help="the model before fine-tuning (default: the embedded tiny model)")
-    p.add_argument("--tuned", required=True, help="the fine-tuned model (e.g. minidiff finetune's --output folder)")
-    p.add_argument("--prompts", default=None,
-                   help="a text file, one prompt per line (default: the monograph's 15 prompts, "
-                        "minidiff/prompts/monograph.txt)")
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one pair of columns each (default: 0,1)")
-    p.add_argument("--out", default="compare.png", help="output PNG (default: compare.png)")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (default: 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    p.add_argument("--scheduler", default=None, choices=["pndm", "ddim", "ddpm", "euler", "dpmpp"],
-                   help="sampler (default: the model's own, from its scheduler_config.json: PNDM for SD v1)")
-    p.add_argument("--negative", default=None, help="negative prompt for every image")
-    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
-    p.add_argument("--cell", type=int, default=None,
-                   help="cell side in the grid, px (default: the image size; tiny images enlarged to >= 128)")
-    p.add_argument("--labels", default="base,tuned", help="the two column names (default: base,tuned)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights dtype (default: fp32)")
-
-
-def run(args) -> int:
-    import torch
-
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    labels = tuple(s.strip() for s in args.labels.split(","))
-    if len(labels) != 2:
-        raise SystemExit(f"--labels needs two names separated by a comma, got {args.labels!r}")
-    prompts = read_prompts(args.prompts)
-    title = (f"{labels[0]}: {args.base or 'embedded model'}   {labels[1]}: {args.tuned}   "
-             f"({args.scheduler or 'its own sampler'}, {args.steps} steps, guidance {args.guidance})")
-    grid = compare(args.base, args.tuned, prompts, seeds, steps=args.steps, guidance=args.guidance,
-                   scheduler=args.scheduler, height=args.height, width=args.width, negative_prompt=args.negative,
-                   device=args.device, dtype=getattr(torch, DTYPES[args.dtype]), labels=labels, cell=args.cell,
-                   title=title)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    print(out)
-    return 0
 
 
 __all__ = ["make_grid", "grid_cell", "read_prompts", "render", "compare", "DEFAULT_PROMPTS"]

@@ -67,8 +67,10 @@ class LoRALinear(nn.Module):
         """ΔW = scale · (α/r) · B A -> [d_out, d_in], the change merging adds to W₀."""
         return self.factor * (self.lora_B.weight @ self.lora_A.weight)  # [d_out, r] @ [r, d_in]
 
-    def forward(self, x):
-        return self.base(x) + self.factor * self.lora_B(self.lora_A(x))
+    def forward(self, x, add=None):
+        """base(x) + scale·(α/r)·B(A(x)), plus `add` (a residual, as minidiff.nn.layers.Linear takes it)."""
+        y = self.base(x) + self.factor * self.lora_B(self.lora_A(x))
+        return y if add is None else add + y
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}"
@@ -129,12 +131,8 @@ def save_lora(model: nn.Module, path, extra_metadata: dict | None = None) -> Pat
     first = next(iter(layers.values()))
     meta = {"format": "pt", "minidiff_lora": json.dumps(
         {"rank": first.rank, "alpha": first.alpha, "targets": list(TARGETS), **(extra_metadata or {})})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(lora_state_dict(model), str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    from .files import atomic_write
+    return atomic_write(path, lambda tmp: save_file(lora_state_dict(model), str(tmp), metadata=meta))
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ Every step mirrors diffusers' StableDiffusionPipeline, so the same initial laten
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -20,11 +21,21 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import kernels
 from .schedulers import make_scheduler, scheduler_name
 
 SD_V1_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
                    "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None}
+
+
+def _on_own_kernels(method):
+    """Run a StableDiffusion method on the kernels its `fast` flag asks for ("auto" or "reference")."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with kernels.use("auto" if self.fast else "reference"):
+            return method(self, *args, **kwargs)
+    return run
 
 
 @dataclass
@@ -36,8 +47,8 @@ class StableDiffusion:
     unet:         (latents [B, 4, h, w], t, context) -> predicted noise [B, 4, h, w]
     vae:          encode(images [B, 3, H, W]) -> posterior; decode(z [B, 4, h, w]) -> images in [-1, 1]
     scheduler_config: the diffusers scheduler_config.json dict the model was trained with
-    fast:         generate() first applies minidiff.speed.optimize (oneDNN linears, fused QKV, channels-last: the same
-                  parameters and, within rounding, the same numbers); False keeps the reference modules as they are
+    fast:         generate() runs on the fastest kernels that apply (minidiff.kernels: oneDNN on the CPU, Triton on CUDA;
+                  the same modules and weights, and within rounding the same numbers); False: the reference kernels
     execution_device: where to compute when the networks are offloaded (set by speed.enable_model_offload)
     """
     tokenizer: object
@@ -75,12 +86,32 @@ class StableDiffusion:
         return make_scheduler(name or scheduler_name(self.scheduler_config), self.scheduler_config)
 
     @torch.no_grad()
+    def load_embedding(self, path, token: str | None = None) -> str:
+        """Teach the model a textual-inversion word from a file (diffusers' learned_embeds.safetensors/.bin, or
+        AUTOMATIC1111's .pt/.safetensors): the word is added to the tokenizer, its vectors to the text encoder's
+        token table. token: the word to use in prompts (default: the file's own). -> the word."""
+        from .formats.embeddings import read_embedding
+        word, vectors = read_embedding(path, token)                   # [n, d]
+        te = self.text_encoder
+        d = te.embeddings.token_embedding.embedding_dim
+        if vectors.shape[-1] != d:
+            raise ValueError(f"{path}: the embedding has width {vectors.shape[-1]}, this text encoder {d}")
+        words = [word] + [f"{word}_{i}" for i in range(1, vectors.shape[0])]
+        ids = self.tokenizer.add_tokens(words)
+        if len(words) > 1:
+            self.tokenizer.multi_vector[word] = " ".join(words)
+        table = te.resize_token_embeddings(max(max(ids) + 1, te.embeddings.token_embedding.num_embeddings))
+        with torch.no_grad():
+            table.weight[ids] = vectors.to(table.weight.device, table.weight.dtype)
+        return word
+
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """list of B strings -> context [B, 77, d]."""
         ids = self.tokenizer(prompts).to(self.device)  # [B, 77]
         return self.text_encoder(ids).to(self.dtype)
 
     @torch.no_grad()
+    @_on_own_kernels
     def generate(self, prompt, negative_prompt=None, steps: int = 50, guidance_scale: float = 7.5,
                  scheduler: str | None = None, seed: int | None = None, latents: torch.Tensor | None = None,
                  height: int | None = None, width: int | None = None, num_images: int = 1, output: str = "pil",
@@ -95,10 +126,6 @@ class StableDiffusion:
         callback(step_index, t, latents) is called after every step (latents [N, 4, h, w]).
         Returns a list of B·num_images PIL images, or with output="tensor" a tensor [N, 3, H, W] in [0, 1].
         """
-        if self.fast:
-            from . import speed
-            if not all(speed.is_optimized(m) for m in (self.text_encoder, self.unet, self.vae)):
-                speed.optimize(self)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         B = len(prompts)
         if negative_prompt is None:

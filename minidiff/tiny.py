@@ -19,25 +19,27 @@ under 30 minutes on two CPU cores, and trained on the shapes world (minidiff.dat
     minidiff train-tiny --out /tmp/m --quick                     # every stage, very short (< 60 s)
     minidiff train-tiny --out weights/minidiff-shapes --resume   # continue after an interruption
 
-Resuming: every stage checkpoints its network, optimizer and step counter into the work folder (default
-`<out>.work/`, beside the output, because `minidiff.save` replaces the output folder as a whole) by writing a
-temporary file and renaming it over the old one (os.replace is atomic), at least once a minute and when the stage
-ends. The random batch of step n is drawn from a generator seeded with (seed, stage, n), so a resumed run makes
-the same batches as an uninterrupted one.
+Every stage trains with minidiff.train's one `train_step` (AdamW, the warm-up + cosine schedule of
+minidiff.train.optim decaying to a tenth, gradient clipping at 1, EMA, the NaN guard) — the same step
+`minidiff finetune` runs.
+
+Resuming: every stage checkpoints its network, optimizer, LR schedule and step counter into the work folder (default
+`<out>.work/`, beside the output, because `minidiff.save` replaces the output folder as a whole) atomically
+(minidiff.files), at least once a minute and when the stage ends; it is read back with torch.load(weights_only=True).
+The random batch of step n is drawn from a generator seeded with (seed, stage, n) (minidiff's one seed scheme,
+minidiff.train.data.generator), so a resumed run makes the same batches as an uninterrupted one.
 
 Notebooks 10a–10d train smaller versions of each stage in seconds and probe the committed model (zero-shot CLIP,
 a guidance sweep, the held-out pairs).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .files import atomic_write
+from .train import loop
+from .train.data import generator
+from .train.optim import lr_factor, make_lr_scheduler, make_optimizer
+from .train.state import load_state, save_state
 
 STAGES = ("data", "vae", "clip", "latents", "unet", "save")
 
@@ -128,29 +136,25 @@ class Recipe:
 
 # --------------------------------------------------------------------------------------------------- helpers
 def _atomic_save(obj, path: Path):
-    """torch.save to a temporary name, then rename: a crash leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """A crash leaves the old file or the new one, never half of one (minidiff.train.state.save_state)."""
+    save_state(obj, path)
 
 
 def _load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+    """A stage file, loaded with weights_only=True (it holds only tensors, numbers and strings): no pickle runs."""
+    return load_state(path)
 
 
 def _generator(seed: int, stage: str, step: int) -> torch.Generator:
-    """The random numbers of one training step: a function of (seed, stage, step) only, so resuming repeats them."""
-    salt = sum((i + 1) * ord(ch) for i, ch in enumerate(stage))
-    return torch.Generator().manual_seed(seed * 1_000_003 + salt * 10_007 + step)
+    """The random numbers of one training step: a function of (seed, stage, step) only, so resuming repeats them
+    (minidiff's one seed scheme, minidiff.train.data.generator)."""
+    return generator(seed, stage, step)
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then a cosine from 1 down to 0.1 at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    """Linear warm-up over `warmup` steps, then a cosine from 1 down to 0.1 at the last step (minidiff.train.optim's
+    one schedule, decaying to a tenth)."""
+    return lr_factor(step, "cosine", warmup, total, final=0.1)
 
 
 class Clock:
@@ -172,42 +176,40 @@ class Clock:
 
 def _train(name: str, model: torch.nn.Module, params, steps: int, lr: float, step_fn, work: Path, resume: bool,
            seed: int, warmup: int, ema=None, save_every: float = 60.0, progress: bool = True) -> dict:
-    """The training loop every stage shares: AdamW, warm-up + cosine LR, gradient clipping at 1, optional EMA
-    (a minidiff.ema.EMA of model's named parameters), atomic checkpoints into work/{name}.pt.
+    """Every stage's training: minidiff.train's one train_step (AdamW, warm-up + cosine LR, gradient clipping at 1,
+    optional EMA of model's named parameters, NaN guard) and atomic checkpoints into work/{name}.pt.
     step_fn(generator) runs one forward pass -> (loss, {name: float}).
     Returns the stage record {"step", "wall", "cpu", "last": {...}} (the models are updated in place)."""
     path = work / f"{name}.pt"
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    params = list(params)
+    opt = make_optimizer(params, lr, torch.device("cpu"), weight_decay=0.0)
+    sched = make_lr_scheduler(opt, "cosine", warmup, steps, final=0.1)
     state = _load(path) if resume else None
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
+        if state.get("sched") is not None:
+            sched.load_state_dict(state["sched"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         step = state["step"]
     clock = Clock(*(state["wall"], state["cpu"]) if state else (0.0, 0.0))
     last_save, last = time.perf_counter(), dict(state.get("last", {})) if state else {}
+    ema_params = dict(model.named_parameters()) if ema is not None else None
 
     def checkpoint(done: bool):
-        _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(),
+        _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                       "ema": ema.state_dict() if ema is not None else None, "step": step, "done": done,
                       "wall": clock.wall, "cpu": clock.cpu, "last": last}, path)
 
     model.train()
     bar = tqdm(total=steps, initial=step, desc=name, disable=not progress, dynamic_ncols=True)
     while step < steps:
-        for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(step, steps, warmup)
-        loss, logs = step_fn(_generator(seed, name, step))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if ema is not None:
-            ema.update(dict(model.named_parameters()))
+        r = loop.train_step([_generator(seed, name, step)], step_fn, opt, params, lr_scheduler=sched, ema=ema,
+                            ema_params=ema_params, max_grad_norm=1.0, step=step + 1, last_checkpoint=path)
         step += 1
-        last = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in logs.items()}
+        last = {"loss": r.loss, **r.logs}
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
         if time.perf_counter() - last_save > save_every and step < steps:
@@ -224,10 +226,8 @@ def _finish(work: Path, name: str, record: dict, metrics: dict):
     state = _load(work / f"{name}.pt")
     state.update(done=True, metrics=metrics, wall=record["wall"], cpu=record["cpu"])
     _atomic_save(state, work / f"{name}.pt")
-    tmp = work / f".{name}.json.tmp"
-    tmp.write_text(json.dumps({"metrics": metrics, "wall_s": record["wall"], "cpu_s": record["cpu"],
-                               "steps": record["step"]}, indent=2))
-    os.replace(tmp, work / f"{name}.json")
+    atomic_write(work / f"{name}.json", json.dumps({"metrics": metrics, "wall_s": record["wall"],
+                                                    "cpu_s": record["cpu"], "steps": record["step"]}, indent=2))
 
 
 def _done(work: Path, name: str):
@@ -462,7 +462,7 @@ def train(out, recipe: Recipe | None = None, work=None, data=None, resume: bool 
     if not resume and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+    atomic_write(work / "recipe.json", json.dumps(dataclasses.asdict(recipe), indent=2))
     report = {"recipe": dataclasses.asdict(recipe), "stages": {}}
     times = report["stages"]
     total = Clock()
@@ -525,7 +525,7 @@ def train(out, recipe: Recipe | None = None, work=None, data=None, resume: bool 
         report["eval"] = {k: v for k, v in r.items() if k not in ("images", "judgements")}
         log(format_report(r))
     report["total_wall_s"] = total.wall
-    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(out / "metrics.json", json.dumps(report, indent=2) + "\n")
     write_model_card(out, report)
     report["sizes"] = folder_sizes(out)
     log(f"saved {out} ({report['sizes']['total_bytes'] / 1e6:.1f} MB); stage times (wall / CPU s): " +
@@ -617,39 +617,4 @@ def write_model_card(out: Path, report: dict):
               "(seed, stage, n)); bit-for-bit equality of the weights across machines is not promised (float "
               "summation order differs between CPUs and thread counts). `--resume` continues an interrupted run from "
               "the work folder `<out>.work/`.", ""]
-    (out / "MODEL_CARD.md").write_text("\n".join(lines))
-
-
-# --------------------------------------------------------------------------------------------------- the command
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="weights/minidiff-shapes", help="output diffusers folder")
-    p.add_argument("--resume", action="store_true", help="continue from the work folder instead of starting over")
-    p.add_argument("--data", default=None,
-                   help="imagefolder to train on (written there with make_dataset if it has no metadata.jsonl; "
-                        "default: <work>/data)")
-    p.add_argument("--quick", action="store_true", help="a very short run of every stage (smoke test, < 60 s)")
-    p.add_argument("--work", default=None, help="work folder for checkpoints (default: <out>.work beside --out)")
-    p.add_argument("--stop-after", default=None, choices=STAGES[:-1], help="stop after this stage (resume later)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--no-eval", action="store_true", help="skip the text-to-image evaluation at the end")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run(args) -> int:
-    torch.set_num_threads(args.threads)
-    recipe = Recipe.quick() if args.quick else Recipe()
-    command = "minidiff train-tiny " + " ".join(
-        [f"--out {args.out}"] + (["--quick"] if args.quick else []) + ([f"--data {args.data}"] if args.data else []))
-    train(args.out, recipe, work=args.work, data=args.data, resume=args.resume, stop_after=args.stop_after,
-          progress=not args.no_progress, evaluate=not args.no_eval, command=command)
-    return 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minidiff.tiny", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    atomic_write(out / "MODEL_CARD.md", "\n".join(lines))

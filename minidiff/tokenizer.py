@@ -84,6 +84,7 @@ class CLIPTokenizer:
         tk.post_processor = processors.RobertaProcessing((EOS_TOKEN, self.eos_id), (BOS_TOKEN, self.bos_id),
                                                          trim_offsets=False, add_prefix_space=False)
         self._tk = tk
+        self.multi_vector: dict[str, str] = {}   # a multi-vector embedding's word -> "<w> <w>_1 ..." (add_tokens)
 
     @classmethod
     def from_dir(cls, path: str | Path, **kwargs) -> "CLIPTokenizer":
@@ -94,9 +95,25 @@ class CLIPTokenizer:
     def vocab_size(self) -> int:
         return self._tk.get_vocab_size(with_added_tokens=True)
 
+    def add_tokens(self, tokens) -> list[int]:
+        """Add new words to the vocabulary (textual inversion's placeholders) -> their ids (vocab_size, ...).
+        A new word is matched in the raw prompt as a whole, before lower-casing and BPE. ValueError if one is
+        already a word of the vocabulary."""
+        tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+        for t in tokens:
+            if not t or self._tk.token_to_id(t) is not None or self._tk.token_to_id(t + "</w>") is not None:
+                raise ValueError(f"{t!r} is already in the vocabulary (or empty); a new token must be a new string")
+        self._tk.add_tokens([AddedToken(t, normalized=False, special=False, single_word=False) for t in tokens])
+        return [self._tk.token_to_id(t) for t in tokens]
+
+    def _expand(self, text: str) -> str:
+        for word, expansion in self.multi_vector.items():
+            text = text.replace(word, expansion) if word in text and expansion not in text else text
+        return text
+
     def encode(self, text: str) -> list[int]:
         """One prompt -> [bos, tokens..., eos], neither truncated nor padded."""
-        return self._tk.encode(text).ids
+        return self._tk.encode(self._expand(text) if self.multi_vector else text).ids
 
     def __call__(self, texts: str | list[str], max_length: int | None = None) -> torch.Tensor:
         """Prompt(s) -> LongTensor [B, max_length] (a single str gives B = 1).
@@ -109,6 +126,8 @@ class CLIPTokenizer:
             raise ValueError(f"max_length must leave room for the start and end tokens, got {max_length}")
         if isinstance(texts, str):
             texts = [texts]
+        if self.multi_vector:
+            texts = [self._expand(t) for t in texts]
         rows = []
         for ids in (e.ids for e in self._tk.encode_batch(list(texts))):
             if len(ids) > max_length:

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .nn import ResnetBlock, TimestepEmbedding, TransformerBlock
+from .nn.layers import Conv2d, GroupNorm
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -179,7 +181,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.conv(x)
@@ -191,7 +193,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
         x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else \
@@ -210,19 +212,19 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, channels: int, heads: int, context_dim: int, depth: int = 1, groups: int = 32):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(channels, heads, channels // heads, context_dim) for _ in range(depth)])
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x, context):
-        B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x))
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)   # [B, C, H, W] -> [B, HW, C]: one token per pixel
+        H, W = x.shape[-2:]
+        h = self.proj_in(self.norm(x))                      # [B, C, H, W]
+        h = rearrange(h, "b c h w -> b (h w) c")            # one token per pixel: [B, HW, C]
         for block in self.transformer_blocks:
-            h = block(h, context)                        # [B, HW, C]; the text enters here (attn2)
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)    # [B, HW, C] -> [B, C, H, W]
+            h = block(h, context)                           # [B, HW, C]; the text enters here (attn2)
+        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)  # [B, C, H, W]
         return x + self.proj_out(h)
 
 
@@ -327,7 +329,7 @@ class UNet(nn.Module):
         chs, L, n = cfg.block_out_channels, cfg.layers_per_block, len(cfg.block_out_channels)
         temb = cfg.time_embed_dim
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         # t -> sinusoid of width chs[0] -> Linear -> SiLU -> Linear: [B] -> [B, 4·chs[0]]
         self.time_embedding = TimestepEmbedding(chs[0], temb, cfg.flip_sin_to_cos, cfg.freq_shift)
 
@@ -354,8 +356,8 @@ class UNet(nn.Module):
             self.up_blocks.append(UpBlock(in_chs, ch, temb, cfg, cfg.cross_attention[n - 1 - i],
                                           upsample=i < n - 1))
 
-        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
+        self.conv_out = Conv2d(chs[0], cfg.out_channels, 3, padding=1)
 
     def enable_gradient_checkpointing(self):
         for block in self._blocks():
@@ -379,7 +381,8 @@ class UNet(nn.Module):
         x = self.mid_block(x, temb, context)                         # [B, C_last, h/2^(n-1), w/2^(n-1)]
         for block in self.up_blocks:                                 # pops the skips, doubles h, w back
             x = block(x, temb, context, skips)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))          # [B, C_out, h, w]
+        eps = self.conv_out(self.conv_norm_out(x, silu=True))       # [B, C_out, h, w]
+        return eps.contiguous()   # NCHW strides whatever layout the kernels computed in (see kernels/onednn.py)
 
 
 def _batch_timesteps(t, latents):

@@ -36,9 +36,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .nn import CrossAttention, ResnetBlock
+from .nn.layers import Conv2d, GroupNorm
 
 EPS = 1e-6  # every GroupNorm in SD's VAE uses eps = 1e-6 (the U-Net's use 1e-5)
 
@@ -172,14 +174,13 @@ class AttentionBlock(CrossAttention):
 
     def __init__(self, channels: int, groups: int):
         super().__init__(channels, heads=1, dim_head=channels, qkv_bias=True)
-        self.group_norm = nn.GroupNorm(groups, channels, eps=EPS)
+        self.group_norm = GroupNorm(groups, channels, eps=EPS)
 
     def forward(self, x):
-        B, C, H, W = x.shape
-        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]: pixels as tokens
+        H, W = x.shape[-2:]
+        h = rearrange(self.group_norm(x), "b c h w -> b (h w) c")  # pixels as tokens: [B, HW, C]
         h = super().forward(h)                                     # [B, HW, C]
-        h = h.transpose(1, 2).reshape(B, C, H, W)                  # [B, HW, C] -> [B, C, H, W]
-        return x + h
+        return x + rearrange(h, "b (h w) c -> b c h w", h=H, w=W)  # [B, C, H, W]
 
 
 class Downsample(nn.Module):
@@ -189,7 +190,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # [B, C, H, W] -> [B, C, H+1, W+1] -> [B, C, H/2, W/2]
@@ -200,7 +201,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # [B, C, 2H, 2W]
@@ -258,19 +259,19 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig, out_channels: int):
         super().__init__()
         ch, g, n = config.block_out_channels, config.norm_num_groups, len(config.block_out_channels)
-        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
             DownBlock(ch[max(i - 1, 0)], ch[i], config.layers_per_block, g, downsample=i < n - 1) for i in range(n)])
         self.mid_block = MidBlock(ch[-1], g)
-        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=EPS)
-        self.conv_out = nn.Conv2d(ch[-1], out_channels, 3, padding=1)
+        self.conv_norm_out = GroupNorm(g, ch[-1], eps=EPS)
+        self.conv_out = Conv2d(ch[-1], out_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)                            # [B, ch0, H, W]
         for block in self.down_blocks:
             h = block(h)                               # halves H, W at every level but the last
         h = self.mid_block(h)                          # [B, ch[-1], H/f, W/f]
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(self.conv_norm_out(h, silu=True))
 
 
 class Decoder(nn.Module):
@@ -280,18 +281,18 @@ class Decoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         ch, g, n = tuple(reversed(config.block_out_channels)), config.norm_num_groups, len(config.block_out_channels)
-        self.conv_in = nn.Conv2d(config.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g)
         self.up_blocks = nn.ModuleList([
             UpBlock(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, g, upsample=i < n - 1) for i in range(n)])
-        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=EPS)
-        self.conv_out = nn.Conv2d(ch[-1], config.out_channels, 3, padding=1)
+        self.conv_norm_out = GroupNorm(g, ch[-1], eps=EPS)
+        self.conv_out = Conv2d(ch[-1], config.out_channels, 3, padding=1)
 
     def forward(self, z):
         h = self.mid_block(self.conv_in(z))            # [B, ch[-1], h, w]
         for block in self.up_blocks:
             h = block(h)                               # doubles h, w at every level but the last
-        return self.conv_out(F.silu(self.conv_norm_out(h)))  # [B, out, h·f, w·f]
+        return self.conv_out(self.conv_norm_out(h, silu=True))  # [B, out, h·f, w·f]
 
 
 def _check_size(x, f):
@@ -311,8 +312,8 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(config, 2 * c)
         self.decoder = Decoder(config)
         # 1x1 convs between the networks and the latent (LDM's "quant_conv", a leftover of its VQ sibling)
-        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else None
+        self.quant_conv = Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
+        self.post_quant_conv = Conv2d(c, c, 1) if config.use_post_quant_conv else None
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         _check_size(images, self.config.downsample_factor)

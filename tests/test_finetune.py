@@ -179,7 +179,7 @@ def test_micro_step_targets(tiny, tmp_path, prediction_type):
         seen["x"], seen["context"] = x, context
         return target
 
-    loss = ft._micro_step(batch, pipe, oracle, sched, sched.alphas_cumprod, prediction_type, cfg, torch.device("cpu"),
+    loss = ft.micro_step_loss(batch, pipe, oracle, sched, sched.alphas_cumprod, prediction_type, cfg, torch.device("cpu"),
                           lambda: torch.autocast("cpu", enabled=False))
     assert float(loss) < 1e-10
     torch.testing.assert_close(seen["x"], zt, rtol=1e-5, atol=1e-5)
@@ -251,14 +251,15 @@ def test_output_loads_in_minidiff_and_diffusers(tiny, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    real = ft.diffusion_loss
+    from minidiff.train import objective
+    real = objective.diffusion_loss
 
     def poisoned(*args, **kw):
         calls["n"] += 1
         loss = real(*args, **kw)
         return loss * float("nan") if calls["n"] == 5 else loss   # the 5th micro-step = step 5
 
-    monkeypatch.setattr(ft, "diffusion_loss", poisoned)
+    monkeypatch.setattr(objective, "diffusion_loss", poisoned)
     out = tmp_path / "out"
     with pytest.raises(TrainingDiverged, match=r"step 5: the loss is nan") as e:
         train(cfg_for(tiny, out, steps=6, checkpoint_every=2, keep_last=5))
@@ -335,15 +336,17 @@ def test_refusals(tiny, tmp_path):
 
 def test_cli_preset_and_overrides(tiny):
     import argparse
+
+    from minidiff.commands import finetune as cli
     p = argparse.ArgumentParser()
-    ft.add_arguments(p)
-    cfg = ft.config_from_args(p.parse_args(["--preset", "pokemon", "--data", "d", "--output", "o", "--lr", "2e-5",
+    cli.add_arguments(p)
+    cfg = cli.config_from_args(p.parse_args(["--preset", "pokemon", "--data", "d", "--output", "o", "--lr", "2e-5",
                                             "--no-ema", "--max-grad-norm", "0", "--validation-seeds", "3,4"]))
     preset = ft.PRESETS["pokemon"]
     assert cfg.lr == 2e-5 and cfg.ema is False and cfg.max_grad_norm is None and cfg.validation_seeds == (3, 4)
     assert (cfg.resolution, cfg.batch_size, cfg.grad_accum, cfg.steps) == (512, preset["batch_size"],
                                                                            preset["grad_accum"], 15000)
     assert cfg.mixed_precision == "bf16" and cfg.gradient_checkpointing and cfg.cache_latents
-    plain = ft.config_from_args(p.parse_args(["--data", "d", "--output", "o", "--random-crop", "--train", "lora"]))
+    plain = cli.config_from_args(p.parse_args(["--data", "d", "--output", "o", "--random-crop", "--train", "lora"]))
     assert plain.center_crop is False and plain.train == "lora" and plain.lr == FinetuneConfig.lr
     assert FinetuneConfig.from_preset("pokemon", data="d", output="o", steps=10).steps == 10

@@ -1,20 +1,29 @@
-"""minidiff.speed: every fast path computes what the reference modules compute, within the precision's rounding
-(fp32: 1e-4 relative or tighter, bf16: 2e-2), keeps the parameter names, and torch.compile sees no graph breaks."""
+"""minidiff.kernels and minidiff.speed: every kernel family computes what the reference kernels compute, within the
+tolerance TOL states per dtype; the modules a chapter teaches are the modules that run (no class swap, weights
+untouched); torch.compile sees no graph breaks; the memory savers keep the result."""
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minidiff import speed
+from minidiff import kernels, speed
 from minidiff.clip import CLIPTextConfig, CLIPTextTransformer
+from minidiff.lora import inject_lora
 from minidiff.nn import attention_impl
 from minidiff.nn.attention import CrossAttention, TransformerBlock, attention
+from minidiff.nn.layers import Conv2d
 from minidiff.pipeline import StableDiffusion
 from minidiff.tokenizer import CLIPTokenizer
 from minidiff.unet import UNet, UNetConfig
 from minidiff.vae import AutoencoderKL, VAEConfig
 
+# The tolerance between two kernel families (reference PyTorch vs oneDNN on the CPU), as max |a − b| / max |b| over a
+# whole network's output. The families sum in different orders (oneDNN blocks its matmuls and convolutions by the CPU's
+# vector width, AVX2 / AVX-512 / AMX), so results differ by rounding that grows with depth: fp32 keeps 24 bits of
+# mantissa (one op ~1e-6, a U-Net ~1e-5), bf16 keeps 8 (one op ~4e-3, a network ~1e-2). These bounds are 10× and 2–3×
+# what was measured here, so that they hold on any x86 CPU.
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 UNET = UNetConfig(block_out_channels=(32, 64), layers_per_block=1, cross_attention=(True, True), heads=4,
                   cross_attention_dim=32, norm_num_groups=8, sample_size=8)
 VAE = VAEConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
@@ -47,145 +56,129 @@ def unet_inputs(dtype=torch.float32, size=8):
             torch.randn(2, 7, 32, generator=g).to(dtype))
 
 
-# ------------------------------------------------------------------------------------------- oneDNN linear epilogues
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-def test_linear_epilogues_match_pytorch(dtype, tol):
+# ------------------------------------------------------------------------------------------- the kernels, one by one
+DTYPES = [torch.float32, torch.bfloat16]
+IDS = ["fp32", "bf16"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_linear_epilogues_match_reference(dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 10, 16, 24, generator=g)[..., 0, :].to(dtype)      # [2, 10, 24], not contiguous
     w, b = torch.randn(12, 24, generator=g).to(dtype), torch.randn(12, generator=g).to(dtype)
     other = torch.randn(2, 12, 10, generator=g).to(dtype).transpose(1, 2)  # [2, 10, 12], not contiguous
     y = F.linear(x, w, b)
     with torch.no_grad():
-        assert rel(speed.linear(x, w, b), y) < tol
-        assert rel(speed.linear(x, w, None), F.linear(x, w)) < tol
-        assert rel(speed.linear(x, w, b, gelu=True), F.gelu(y)) < tol
-        assert rel(speed.linear(x, w, b, mul=other), y * other) < tol
-        assert rel(speed.linear(x, w, b, add=other), other + y) < tol
-        assert rel(speed.linear(x, w[6:], b[6:], gelu=True), F.gelu(y[..., 6:])) < tol   # a row slice of W
+        assert kernels.pick(x, w) == "onednn"
+        assert rel(kernels.linear(x, w, b), y) < TOL[dtype]
+        assert rel(kernels.linear(x, w, None), F.linear(x, w)) < TOL[dtype]
+        assert rel(kernels.linear(x, w, b, gelu=True), F.gelu(y)) < TOL[dtype]
+        assert rel(kernels.linear(x, w, b, mul=other), y * other) < TOL[dtype]
+        assert rel(kernels.linear(x, w, b, add=other), other + y) < TOL[dtype]
+        assert rel(kernels.linear(x, w[6:], b[6:], gelu=True), F.gelu(y[..., 6:])) < TOL[dtype]   # a row slice of W
+        h, gate = torch.randn(2, 5, 24, generator=g).to(dtype), None
+        assert rel(kernels.geglu(h, w, b), F.linear(h, w[:6], b[:6]) * F.gelu(F.linear(h, w[6:], b[6:]))) < TOL[dtype]
 
 
-def test_linear_keeps_autograd():
-    """With gradients wanted, the fast linear is F.linear (oneDNN's fused op has no backward)."""
+def test_kernels_pick_by_device_dtype_grad_and_switch():
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    with torch.no_grad():
+        assert kernels.pick(x, w) == "onednn"
+        assert kernels.pick(x.half(), w.half()) == "reference"          # no fp16 oneDNN matmul on the CPU
+        with kernels.use("reference"):
+            assert kernels.pick(x, w) == "reference"
+        assert kernels.pick(x, w) == "onednn"                           # restored after the block
+    assert kernels.pick(x, w.requires_grad_()) == "reference"          # training: oneDNN has no backward
+    with pytest.raises(ValueError, match="kernels backend must be one of"):
+        kernels.set_backend("fast")
+
+
+def test_linear_trains_through_the_reference():
+    lin = jitter(torch.nn.Linear(8, 6)).requires_grad_(True)
     x = torch.randn(3, 8, requires_grad=True)
-    lin = torch.nn.Linear(8, 5)
     ref = torch.autograd.grad(F.gelu(lin(x)).sum(), [x, lin.weight])
-    got = torch.autograd.grad(speed.linear(x, lin.weight, lin.bias, gelu=True).sum(), [x, lin.weight])
+    got = torch.autograd.grad(kernels.linear(x, lin.weight, lin.bias, gelu=True).sum(), [x, lin.weight])
     for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-# ------------------------------------------------------------------------------------------------------ the U-Net
-@pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "nchw"])
-@pytest.mark.parametrize("fuse_qkv", [True, False], ids=["fused-qkv", "separate-qkv"])
-def test_optimized_unet_equals_reference(channels_last, fuse_qkv):
-    ref_model = jitter(UNet(UNET))
-    fast = speed.optimize(copy.deepcopy(ref_model), channels_last=channels_last, fuse_qkv=fuse_qkv)
-    assert type(fast) is speed.FastUNet
-    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
-    x, t, c = unet_inputs()
-    with torch.no_grad():
-        ref, out = ref_model(x, t, c), fast(x, t, c)
-    assert out.is_contiguous()
-    assert rel(out, ref) < 1e-5
-
-
-def test_optimized_unet_bf16_equals_reference():
-    ref_model = jitter(UNet(UNET))
-    fast = speed.optimize(copy.deepcopy(ref_model).to(torch.bfloat16))
-    x, t, c = unet_inputs()
-    with torch.no_grad():
-        ref = ref_model(x, t, c)
-        ref16 = ref_model.to(torch.bfloat16)(x.bfloat16(), t, c.bfloat16())
-        out = fast(x.bfloat16(), t, c.bfloat16())
-    assert rel(out, ref) < 2e-2      # the fast path in bf16 vs the fp32 reference
-    assert rel(out, ref16) < 2e-2    # ... and vs the reference modules in bf16
-
-
-def test_optimize_keeps_parameters_and_restore_undoes_it(tmp_path):
-    model = jitter(UNet(UNET))
-    names = {k: v.clone() for k, v in model.state_dict().items()}
-    speed.optimize(model)
-    assert speed.is_optimized(model)
-    sd = model.state_dict()
-    assert list(sd) == list(names)
-    assert all(torch.equal(sd[k], v) for k, v in names.items())
-    fresh = UNet(UNET)
-    fresh.load_state_dict(sd, strict=True)      # an optimized model's weights load into the reference class
-    speed.restore(model)
-    assert type(model) is UNet and not speed.is_optimized(model)
-    assert not any(type(m).__name__.startswith("Fast") for m in model.modules())
-    assert model.conv_in.weight.is_contiguous()
-
-
-def test_fused_qkv_cache_follows_weight_changes():
-    attn = jitter(CrossAttention(16, None, heads=2, dim_head=8))
-    fast = speed.optimize(copy.deepcopy(attn))
-    x = torch.randn(2, 5, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x), attn(x), rtol=1e-5, atol=1e-6)
-        for m in (attn, fast):                     # an in-place update (as an optimizer step does)
-            m.to_k.weight.mul_(1.5)
-        torch.testing.assert_close(fast(x), attn(x), rtol=1e-5, atol=1e-6)
-        new = {k: torch.randn_like(v) for k, v in attn.state_dict().items()}
-        attn.load_state_dict(new)
-        fast.load_state_dict(new)
-        torch.testing.assert_close(fast(x), attn(x), rtol=1e-5, atol=1e-6)
-        fast.to(torch.float64)                     # .to() drops the cached fused weights
-        assert "_fused_cache" not in fast.__dict__
-        torch.testing.assert_close(fast(x.double()), attn.double()(x.double()), rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("geometry", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
                                       dict(kernel_size=1)], ids=["3x3", "3x3-stride2", "1x1"])
-def test_conv_with_packed_weight_equals_conv2d(dtype, tol, geometry):
-    """FastConv2d (weight reordered for oneDNN once, cached) == nn.Conv2d, across shapes, weight updates and .to()."""
-    conv = jitter(torch.nn.Conv2d(8, 16, **geometry)).to(dtype)
-    fast = speed.optimize(copy.deepcopy(conv), channels_last=False)
-    assert type(fast) is speed.FastConv2d
+def test_conv_with_packed_weight_equals_conv2d(dtype, geometry):
+    """The oneDNN conv (weight reordered once, cached per weight and input shape) == F.conv2d, across shapes, in-place
+    weight updates and .to(); the user's weight is never changed; training takes the reference."""
+    conv = jitter(Conv2d(8, 16, **geometry)).to(dtype)
+    weight = conv.weight.detach().clone()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for shape in [(2, 8, 12, 12), (1, 8, 7, 9), (2, 8, 12, 12)]:             # a new shape repacks
             x = torch.randn(shape, generator=g).to(dtype)
-            assert rel(fast(x), conv(x)) < tol
-            assert rel(fast(x.to(memory_format=torch.channels_last)), conv(x)) < tol
-        for m in (conv, fast):                                                   # in place, as an optimizer step
-            m.weight.mul_(-0.5)
-        assert rel(fast(x), conv(x)) < tol
-        assert "_packed_weight" in fast.__dict__
-        fast.to(torch.float64)                                                   # drops the packed copy
-        assert "_packed_weight" not in fast.__dict__
-        assert rel(fast(x.double()), copy.deepcopy(conv).double()(x.double())) < 1e-12
-    fast, conv = fast.to(dtype).requires_grad_(True), conv.requires_grad_(True)  # training: the plain conv, same grads
+            ref = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+            assert rel(conv(x), ref) < TOL[dtype]
+            assert rel(conv(x.to(memory_format=torch.channels_last)), ref) < TOL[dtype]
+        assert torch.equal(conv.weight, weight) and conv.weight.is_contiguous()
+        conv.weight.mul_(-0.5)                                                   # in place, as an optimizer step
+        assert rel(conv(x), F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)) < TOL[dtype]
+        conv.to(torch.float64)                                                   # not oneDNN's: the reference
+        xd = x.double()
+        assert torch.equal(conv(xd), F.conv2d(xd, conv.weight, conv.bias, conv.stride, conv.padding))
+    conv = conv.to(dtype).requires_grad_(True)
     x = torch.randn(2, 8, 6, 6, generator=g).to(dtype)
-    fast(x).square().sum().backward()
     conv(x).square().sum().backward()
-    assert rel(fast.weight.grad, conv.weight.grad) < tol
+    grad = conv.weight.grad.clone()
+    conv.weight.grad = None
+    F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding).square().sum().backward()
+    assert torch.equal(grad, conv.weight.grad)
 
 
-def test_fast_conv_built_directly_compiles():
-    """A FastConv2d made with its constructor (not by optimize) runs compiled too, equal to the eager conv."""
-    conv = jitter(speed.FastConv2d(8, 8, 3, padding=1))
-    x = torch.randn(1, 8, 6, 6)
-    torch._dynamo.reset()
+def test_stacked_qkv_cache_follows_weight_changes():
+    attn = jitter(CrossAttention(16, None, heads=2, dim_head=8))
+    x = torch.randn(2, 5, 16)
+
+    def reference():
+        with kernels.use("reference"):
+            return attn(x)
     with torch.no_grad():
-        eager = conv(x)
-        compiled = torch.compile(conv, fullgraph=True)(x)
-    torch._dynamo.reset()
-    assert rel(compiled, eager) < 1e-5
+        assert kernels.can_stack(attn.to_q, attn.to_k, attn.to_v)
+        torch.testing.assert_close(attn(x), reference(), rtol=TOL[torch.float32], atol=1e-6)
+        attn.to_k.weight.mul_(1.5)                 # an in-place update (as an optimizer step does)
+        torch.testing.assert_close(attn(x), reference(), rtol=TOL[torch.float32], atol=1e-6)
+        attn.load_state_dict({k: torch.randn_like(v) for k, v in attn.state_dict().items()})
+        torch.testing.assert_close(attn(x), reference(), rtol=TOL[torch.float32], atol=1e-5)
+        attn.to(torch.float64)                     # new tensors: restacked
+        torch.testing.assert_close(attn(x.double()), reference_double(attn, x), rtol=1e-12, atol=1e-12)
 
 
-def test_fused_qkv_cross_attention_and_training_gradients():
-    """Self- and cross-attention in a TransformerBlock; with autograd on, the gradients equal the reference's."""
+def reference_double(attn, x):
+    with kernels.use("reference"):
+        return attn(x.double())
+
+
+# ------------------------------------------------------------------------------------------------------ the U-Net
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_unet_fast_kernels_equal_reference_kernels(dtype):
+    """One model, two kernel families: the same U-Net (same modules, same weights) on the default kernels and under
+    kernels.use("reference")."""
+    model = jitter(UNet(UNET)).to(dtype)
+    x, t, c = (a.to(dtype) if a.is_floating_point() else a for a in unet_inputs())
+    with torch.no_grad():
+        out = model(x, t, c)
+        with kernels.use("reference"):
+            ref = model(x, t, c)
+    assert out.is_contiguous() and out.dtype == dtype
+    assert rel(out, ref) < TOL[dtype]
+
+
+def test_transformer_block_trains_as_the_reference():
+    """With autograd on, the chapter's expressions run (no stacking, no oneDNN): gradients are bit-identical."""
     block = jitter(TransformerBlock(16, heads=2, dim_head=8, context_dim=12)).requires_grad_(True)
-    fast = speed.optimize(copy.deepcopy(block))
     x, ctx = torch.randn(2, 6, 16), torch.randn(2, 4, 12)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x, ctx), block(x, ctx), rtol=1e-5, atol=1e-5)
-    ref = torch.autograd.grad(block(x, ctx).square().sum(), list(block.parameters()))
-    got = torch.autograd.grad(fast(x, ctx).square().sum(), list(fast.parameters()))
+    got = torch.autograd.grad(block(x, ctx).square().sum(), list(block.parameters()))
+    with kernels.use("reference"):
+        ref = torch.autograd.grad(block(x, ctx).square().sum(), list(block.parameters()))
     for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------- attention slicing
@@ -199,13 +192,11 @@ def test_attention_slicing_function():
                                        attention(q, k, v, impl=impl, **kw), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("optimized", [False, True], ids=["reference", "optimized"])
-def test_sliced_unet_equals_unsliced(optimized):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_sliced_unet_equals_unsliced(backend):
     model = jitter(UNet(UNET))
-    if optimized:
-        speed.optimize(model)
     x, t, c = unet_inputs(size=16)  # 256 tokens at the top level: slices of 48 leave a ragged last slice
-    with torch.no_grad():
+    with torch.no_grad(), kernels.use(backend):
         ref = model(x, t, c)
         speed.enable_attention_slicing(model, 48)
         assert all(m.slice_size == 48 for m in model.modules() if isinstance(m, CrossAttention))
@@ -222,14 +213,45 @@ def _generate(pipe, **kw):
 
 
 def test_pipeline_fast_sdpa_equals_reference_naive():
-    """generate(): the default (optimized modules, SDPA) against the reference modules on the naive attention."""
+    """generate(): the default (fast kernels, SDPA) against the reference kernels on the naive attention."""
     fast, ref = tiny_pipe(fast=True), tiny_pipe(fast=False)
     with attention_impl("naive"):
         expected = _generate(ref)
-    assert not speed.is_optimized(ref.unet)
-    out = _generate(fast)
-    assert speed.is_optimized(fast.unet) and speed.is_optimized(fast.vae) and speed.is_optimized(fast.text_encoder)
-    assert rel(out, expected) < 1e-4
+    assert rel(_generate(fast), expected) < TOL[torch.float32]
+
+
+def test_generate_runs_the_chapters_modules():
+    """After generate(): every module is still its chapter's class, the parameters are the same tensor objects with
+    unchanged values and memory format, and a forward hook on a CrossAttention fires (a student's breakpoint is hit)."""
+    pipe = tiny_pipe()
+    models = (pipe.text_encoder, pipe.unet, pipe.vae)
+    classes = [[type(m) for m in model.modules()] for model in models]
+    params = [[(p, p.detach().clone()) for p in model.parameters()] for model in models]
+    calls = []
+    attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    unet_calls = []
+    handles = [attn.register_forward_hook(lambda module, args, out: calls.append(out.shape)),
+               pipe.unet.register_forward_hook(lambda module, args, out: unet_calls.append(1))]
+    _generate(pipe)
+    for h in handles:
+        h.remove()
+    assert len(calls) == len(unet_calls) >= 3                 # once per U-Net call (PNDM: steps + 1)
+    assert [[type(m) for m in model.modules()] for model in models] == classes
+    assert not any(type(m).__name__.startswith("Fast") for model in models for m in model.modules())
+    for model, before in zip(models, params):
+        for p, (q, value) in zip(model.parameters(), before):
+            assert p is q and torch.equal(p, value) and p.is_contiguous()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+def test_lora_wrapped_layers_run_in_generate(fast):
+    """A LoRA-wrapped projection works wherever the plain layer does (the stacked-QKV path leaves it to its own
+    forward): generate() runs, and with B = 0 the image is the base model's."""
+    pipe = tiny_pipe(fast=fast)
+    base = _generate(pipe)
+    inject_lora(pipe.unet, rank=2)
+    out = _generate(pipe)
+    assert rel(out, base) < TOL[torch.float32]
 
 
 def norm_rel(a, b):
@@ -283,7 +305,6 @@ def test_vae_tiling():
     from diffusers import AutoencoderKL as DiffusersVAE
     vae = jitter(AutoencoderKL(VAE))
     pipe = StableDiffusion(None, None, UNet(UNET), vae)
-    speed.optimize(vae)
     n = 64  # smooth latents: a constant plus gentle ramps
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, n), torch.linspace(-1, 1, n), indexing="ij")
     z = 0.5 + 0.1 * torch.stack([xx, yy, xx * yy, 0.5 * xx])[None]          # [1, 4, 64, 64]
@@ -331,7 +352,6 @@ def _breaks(fn, *args):
 def test_no_graph_breaks():
     """torch._dynamo.explain traces each network as compile_pipeline compiles it: one graph, no breaks."""
     pipe = tiny_pipe()
-    speed.optimize(pipe)
     x, t, c = unet_inputs()
     ids = pipe.tokenizer(["a red circle"])
     with torch.no_grad():
@@ -352,10 +372,9 @@ def test_compiled_unet_equals_eager():
     x, t, c = unet_inputs()
     torch._dynamo.reset()
     with torch.no_grad():
-        speed.optimize(pipe)
         eager = pipe.unet(x, t, c)
         speed.compile_pipeline(pipe)
         compiled = pipe.unet(x, t, c)
     torch._dynamo.reset()
     assert list(pipe.unet.state_dict()) == names
-    assert rel(compiled, eager) < 1e-4
+    assert rel(compiled, eager) < TOL[torch.float32]

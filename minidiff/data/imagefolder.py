@@ -21,8 +21,6 @@ resize the shorter side to R, crop R x R (centre or random), optional horizontal
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -30,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from ..files import atomic_write
 
 METADATA = "metadata.jsonl"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -123,31 +123,7 @@ def read_metadata(folder: str | Path, check_files: bool = True, warn: bool = Tru
 
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so that readers see the old or the new content, never a mix (also across a crash)."""
-    mode = (path.stat().st_mode & 0o777) if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())          # the bytes are on disk before the rename makes them visible
-        os.chmod(tmp, mode)               # mkstemp makes 0600; keep the file's old permissions
-        os.replace(tmp, path)             # atomic on POSIX and Windows
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:                                  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, text)
 
 
 def _dump(row: dict) -> str:

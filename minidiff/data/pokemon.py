@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..files import atomic_write
 from .imagefolder import METADATA, read_metadata, write_metadata
 
 
@@ -304,15 +304,7 @@ def is_valid_png(path: Path, size: int = SIZE) -> bool:
 
 
 def _save_atomic(im: Image.Image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            im.save(f, format="PNG", optimize=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: im.save(tmp, format="PNG", optimize=False))
 
 
 # ----------------------------------------------------------------------------------------------- the command
@@ -353,24 +345,3 @@ def build(out: str | Path, limit: int | None = None, cache: str | Path | None = 
     rows += [r for r in old.values() if (out / r["file_name"]).is_file()]  # rows from an earlier, larger run
     write_metadata(out, rows)
     return {"images": len(rows), "rendered": rendered, "skipped": skipped, "kept_reviewed": kept}
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("dataset", choices=["pokemon"], help="which dataset to build")
-    parser.add_argument("out", metavar="DIR", help="output folder (imagefolder: PNGs + metadata.jsonl)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N artworks (a quick subset)")
-    parser.add_argument("--cache", default=None, metavar="DIR",
-                        help=f"where the npm tarballs are kept (default {default_cache()})")
-    parser.add_argument("--size", type=int, default=SIZE, help="image side in pixels (default 512)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args) -> int:
-    try:
-        counts = build(args.out, limit=args.limit, cache=args.cache, size=args.size, progress=not args.no_progress)
-    except (RuntimeError, IntegrityError, OSError, ValueError) as e:
-        print(f"minidiff data: error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.out}: {counts['images']} images ({counts['rendered']} rendered, {counts['skipped']} already there, "
-          f"{counts['kept_reviewed']} reviewed captions kept) — review them with `minidiff annotate {args.out}`")
-    return 0

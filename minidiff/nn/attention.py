@@ -19,7 +19,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
+
+from .. import kernels
+from .layers import LayerNorm, Linear
 
 _IMPL = "sdpa"
 
@@ -93,7 +97,8 @@ class CrossAttention(nn.Module):
     """Multi-head attention of a sequence x onto a context (itself, when context is None: self-attention).
 
     x: [B, L, query_dim], context: [B, S, context_dim] -> [B, L, query_dim].
-    Q = x W_q, K = c W_k, V = c W_v are split into `heads` heads of width `dim_head`.
+    Q = x W_q, K = c W_k, V = c W_v are split into `heads` heads of width `dim_head`; `residual` (optional, [B, L,
+    query_dim]) is added to the output inside the output projection's matmul (a transformer block's x + Attn(...)).
     """
 
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
@@ -102,25 +107,37 @@ class CrossAttention(nn.Module):
         inner = heads * dim_head
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
-        self.to_k = nn.Linear(context_dim, inner, bias=qkv_bias)
-        self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
+        self.to_q = Linear(query_dim, inner, bias=qkv_bias)
+        self.to_k = Linear(context_dim, inner, bias=qkv_bias)
+        self.to_v = Linear(context_dim, inner, bias=qkv_bias)
         # a list of one, so the parameter names match the published checkpoints ("to_out.0.weight")
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        self.to_out = nn.ModuleList([Linear(inner, query_dim)])
 
     slice_size: int | None = None  # attention in query chunks (a memory saver, see minidiff.speed.enable_attention_slicing)
 
-    def forward(self, x, context=None, mask=None):
-        context = x if context is None else context
-        B, L, _ = x.shape
-        S = context.shape[1]
-        h = self.heads
-        q = self.to_q(x).view(B, L, h, -1).transpose(1, 2)        # [B, L, h*d] -> [B, h, L, d]
-        k = self.to_k(context).view(B, S, h, -1).transpose(1, 2)  # [B, h, S, d]
-        v = self.to_v(context).view(B, S, h, -1).transpose(1, 2)  # [B, h, S, d]
+    def forward(self, x, context=None, mask=None, residual=None):
+        q, k, v = self.project_qkv(x, context)                    # [B, h, L, d], [B, h, S, d], [B, h, S, d]
         out = attention(q, k, v, mask=mask, slice_size=self.slice_size)  # [B, h, L, d]
-        out = out.transpose(1, 2).reshape(B, L, -1)               # [B, L, h*d]
-        return self.to_out[0](out)
+        out = rearrange(out, "b h l d -> b l (h d)")              # heads side by side again: [B, L, h·d]
+        o = self.to_out[0]
+        return o(out) if residual is None else o(out, add=residual)
+
+    def project_qkv(self, x, context=None):
+        """Q = x W_q, K = c W_k, V = c W_v, split into heads: -> [B, h, L, d], [B, h, S, d], [B, h, S, d]."""
+        h = self.heads
+        if context is None and kernels.can_stack(self.to_q, self.to_k, self.to_v):
+            # self-attention: the three projections read the same x, so one matmul against [W_q; W_k; W_v] does them
+            qkv = kernels.linear(x, *kernels.stacked(self.to_q, self.to_k, self.to_v))      # [B, L, 3·h·d]
+            return rearrange(qkv, "b l (three h d) -> three b h l d", three=3, h=h).unbind(0)
+        context = x if context is None else context
+        q = rearrange(self.to_q(x), "b l (h d) -> b h l d", h=h)                          # [B, h, L, d]
+        if kernels.can_stack(self.to_k, self.to_v):   # cross-attention: K and V both read the context
+            kv = kernels.linear(context, *kernels.stacked(self.to_k, self.to_v))           # [B, S, 2·h·d]
+            k, v = rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=h).unbind(0)
+            return q, k, v
+        k = rearrange(self.to_k(context), "b s (h d) -> b h s d", h=h)                    # [B, h, S, d]
+        v = rearrange(self.to_v(context), "b s (h d) -> b h s d", h=h)                    # [B, h, S, d]
+        return q, k, v
 
 
 class SelfAttention(CrossAttention):
@@ -138,23 +155,27 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
+        if isinstance(self.proj, nn.Linear):     # the projection and the gate in fused kernels
+            return kernels.geglu(x, self.proj.weight, self.proj.bias)
+        x, gate = self.proj(x).chunk(2, dim=-1)  # a wrapped projection (LoRA): its own forward, then the gate
         return x * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
-    """The transformer's position-wise MLP: dim -> 4·dim (GEGLU) -> dim. [B, L, dim] -> [B, L, dim]."""
+    """The transformer's position-wise MLP: dim -> 4·dim (GEGLU) -> dim (+ residual, added inside the last matmul).
+    [B, L, dim] -> [B, L, dim]."""
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         # indices 0 and 2 as in the published checkpoints (1 was a dropout)
-        self.net = nn.ModuleDict({"0": GEGLU(dim, dim * mult), "2": nn.Linear(dim * mult, dim)})
+        self.net = nn.ModuleDict({"0": GEGLU(dim, dim * mult), "2": Linear(dim * mult, dim)})
 
-    def forward(self, x):
-        return self.net["2"](self.net["0"](x))
+    def forward(self, x, residual=None):
+        h = self.net["0"](x)                                  # [B, L, 4·dim]
+        return self.net["2"](h) if residual is None else self.net["2"](h, add=residual)
 
 
 class TransformerBlock(nn.Module):
@@ -162,25 +183,26 @@ class TransformerBlock(nn.Module):
 
         x = x + SelfAttn(LN(x));  x = x + CrossAttn(LN(x), context);  x = x + FF(LN(x))
 
+    (each "x +" is handed to the layer as `residual=`, so the add happens inside its last matmul.)
     Without a context_dim the cross-attention is left out (a plain encoder block).
     x: [B, L, dim], context: [B, S, context_dim] -> [B, L, dim].
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = CrossAttention(dim, None, heads, dim_head)
         if context_dim is not None:
-            self.norm2 = nn.LayerNorm(dim)
+            self.norm2 = LayerNorm(dim)
             self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def forward(self, x, context=None):
-        x = x + self.attn1(self.norm1(x))
+        x = self.attn1(self.norm1(x), residual=x)
         if hasattr(self, "attn2"):
-            x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+            x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 def sinusoidal_positions(length: int, dim: int, base: float = 10000.0):
@@ -219,8 +241,8 @@ class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim: int, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0):
         super().__init__()
         self.in_dim, self.flip, self.shift = in_dim, flip_sin_to_cos, shift
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, t, dtype=None):
         emb = timestep_embedding(t, self.in_dim, self.flip, self.shift).to(dtype or self.linear_1.weight.dtype)

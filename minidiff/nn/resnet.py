@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Conv2d, GroupNorm, Linear
+
 
 class BasicBlock(nn.Module):
     """The classic ResNet block: conv-BN-ReLU-conv-BN, plus the input, then ReLU. [B, C, H, W] -> [B, C', H, W]."""
@@ -32,7 +34,7 @@ class BasicBlock(nn.Module):
 class ResnetBlock(nn.Module):
     """The residual block of SD's U-Net and VAE.
 
-        h = Conv3x3(SiLU(GroupNorm(x)))
+        h = Conv3x3(SiLU(GroupNorm(x)))     (SiLU ∘ GroupNorm is one kernel: norm(x, silu=True))
         h = h + Linear(SiLU(temb))          (U-Net only: the timestep enters every block here)
         h = Conv3x3(SiLU(GroupNorm(h)))
         y = shortcut(x) + h                 (shortcut = 1x1 conv when the channel count changes)
@@ -45,19 +47,19 @@ class ResnetBlock(nn.Module):
                  groups: int = 32, eps: float = 1e-5):
         super().__init__()
         out_channels = out_channels or in_channels
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         if temb_channels is not None:
-            self.time_emb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            self.time_emb_proj = Linear(temb_channels, out_channels)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x, temb=None):
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, silu=True))
         if temb is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h, silu=True))
         shortcut = self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x
         return shortcut + h

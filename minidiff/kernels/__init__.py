@@ -1,0 +1,158 @@
+"""The kernels layer: every hot operation of the models, with one implementation per kind of hardware.
+
+The chapters' modules (minidiff.nn's Linear, Conv2d, GroupNorm, LayerNorm; the attention, ResNet, U-Net, VAE and CLIP
+code) call these functions; nothing ever swaps a module's class or rewrites a user's weights. Each function has
+
+    reference   plain PyTorch, the expression the chapter teaches          (kernels/reference.py)
+    onednn      the CPU's oneDNN: fused epilogues, packed conv weights     (kernels/onednn.py)     CPU inference
+    triton      our Triton kernels, forward and backward                   (kernels/triton.py)     CUDA
+
+and `pick` chooses one per call from the tensors it is given:
+
+    backend "reference" (`use("reference")`, `StableDiffusion.fast = False`)         -> reference
+    a CUDA tensor and Triton installed                                             -> triton (inference and training)
+    a CPU tensor, fp32/bf16, nothing that needs a gradient, oneDNN present        -> onednn
+    anything else (CPU training, fp16 on the CPU, ...)                             -> reference
+
+All three compute the same function; the differences are rounding (tests/test_speed.py states the tolerance per
+dtype). Attention is the one hot operation that lives in its chapter (minidiff.nn.attention.attention, with its own
+switch `set_attention_impl`): torch's fused SDPA kernel is the fast path there.
+
+    from minidiff import kernels
+    with kernels.use("reference"):   # run the chapters' expressions exactly
+        eps = unet(latents, t, context)
+    kernels.pick(x)                  # "reference" | "onednn" | "triton": what a call on x would run
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+
+from . import onednn, reference
+
+try:
+    from . import triton as _triton
+    TRITON = bool(getattr(_triton, "AVAILABLE", False))
+except ImportError:   # the Triton file is optional; without triton installed it says AVAILABLE = False
+    _triton, TRITON = None, False
+
+BACKENDS = ("auto", "reference")
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """"auto" (the fastest kernel that applies to each call) or "reference" (plain PyTorch everywhere)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"kernels backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """`with kernels.use("reference"): ...` — the backend inside the block, restored after it."""
+    old = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
+
+
+def pick(x, weight=None) -> str:
+    """The implementation a call on input x (and weight) runs: "reference" | "onednn" | "triton"."""
+    if _backend == "reference":
+        return "reference"
+    if x.is_cuda:
+        return "triton" if TRITON else "reference"
+    if onednn.applies(x, x if weight is None else weight):
+        return "onednn"
+    return "reference"
+
+
+# ------------------------------------------------------------------------------------------------- the operations
+def linear(x, weight, bias=None, *, gelu: bool = False, mul=None, add=None):
+    """y = x Wᵀ + b, then at most one epilogue: GELU(y) | y ⊙ mul | add + y (a residual, added inside the matmul).
+    x [..., in], weight [out, in], bias [out] | None, mul / add [..., out] -> [..., out]."""
+    impl = pick(x, weight)
+    if impl == "onednn":
+        return onednn.linear(x, weight, bias, gelu=gelu, mul=mul, add=add)
+    if impl == "triton" and (gelu or add is not None) and mul is None:
+        y = torch.nn.functional.linear(x, weight)       # the matmul (cuBLAS), then bias, GELU, + add in one pass
+        return _triton.bias_act_residual(y, bias, gelu, add)
+    return reference.linear(x, weight, bias, gelu=gelu, mul=mul, add=add)
+
+
+def geglu(x, weight, bias):
+    """(x W + b) ⊙ GELU(x V + c) with [W; V] = weight, [b; c] = bias. x [..., in] -> [..., out/2]."""
+    impl = pick(x, weight)
+    if impl == "onednn":   # two matmuls, the GELU and the ⊙ in their epilogues
+        n = weight.shape[0] // 2
+        gate = onednn.linear(x, weight[n:], bias[n:], gelu=True)          # GELU(x V + c)    [..., n]
+        return onednn.linear(x, weight[:n], bias[:n], mul=gate)           # (x W + b) ⊙ gate [..., n]
+    if impl == "triton":
+        return _triton.geglu(torch.nn.functional.linear(x, weight, bias))
+    return reference.geglu(x, weight, bias)
+
+
+def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
+           padding_mode: str = "zeros"):
+    """2-D convolution. x [B, C_in, H, W], weight [C_out, C_in/groups, kh, kw] -> [B, C_out, H', W'].
+    On the CPU at inference the output is channels-last (NHWC strides, same shape): see kernels/onednn.py."""
+    if pick(x, weight) == "onednn" and onednn.conv_applies(x, padding, padding_mode):
+        return onednn.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return reference.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def group_norm(x, weight, bias, num_groups: int, eps: float, silu: bool = False):
+    """GroupNorm over groups of channels (then SiLU when `silu`). x [B, C, *spatial] -> same shape."""
+    if pick(x, weight) == "triton":
+        return _triton.group_norm(x, weight, bias, num_groups, eps, silu)
+    return reference.group_norm(x, weight, bias, num_groups, eps, silu)
+
+
+def layer_norm(x, weight, bias, eps: float):
+    """LayerNorm over the last dimension. x [..., d] -> [..., d]."""
+    if pick(x, weight) == "triton":
+        return _triton.layer_norm(x, weight, bias, eps)
+    return reference.layer_norm(x, weight, bias, eps)
+
+
+# ------------------------------------------------------------------------------------------------ stacked weights
+_STACKED: dict[tuple, tuple] = {}   # ids of the layers -> (key, weight, bias)
+
+
+def can_stack(*layers) -> bool:
+    """Several projections of one input can run as one matmul against their stacked weights — at inference, off the
+    reference backend, and only for plain linear layers (a LoRA-wrapped layer keeps its own forward)."""
+    return (_backend != "reference" and not torch.is_grad_enabled()
+            and all(isinstance(m, torch.nn.Linear) for m in layers))
+
+
+def stacked(*layers) -> tuple:
+    """(weight [Σ out, in], bias [Σ out] | None) of linear layers stacked along the output dimension, e.g. [W_q; W_k;
+    W_v]. Cached: rebuilt when a weight is replaced, moved or changed in place (its version counter)."""
+    if torch.compiler.is_compiling():   # traced: concatenate in the graph (a cache is Python state it cannot see)
+        weight = torch.cat([m.weight for m in layers])
+        return weight, None if layers[0].bias is None else torch.cat([m.bias for m in layers])
+    params = [p for m in layers for p in (m.weight, m.bias) if p is not None]
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+    ids = tuple(id(m) for m in layers)
+    entry = _STACKED.get(ids)
+    if entry is None or entry[0] != key:
+        if entry is None:
+            weakref.finalize(layers[0], _STACKED.pop, ids, None)
+        weight = torch.cat([m.weight for m in layers])
+        bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
+        entry = _STACKED[ids] = (key, weight, bias)
+    return entry[1], entry[2]
+
+
+__all__ = ["linear", "geglu", "conv2d", "group_norm", "layer_norm", "can_stack", "stacked", "pick", "use",
+           "set_backend", "get_backend", "BACKENDS", "TRITON"]

@@ -1,0 +1,75 @@
+"""Training, step 8 — export: the result as files other tools read.
+
+  OUT/                     a diffusers model folder (minidiff.load, diffusers' StableDiffusionPipeline)
+  OUT/lora.safetensors     --train lora --lora-export separate: the U-Net's LoRA (minidiff.lora.apply_lora on the base)
+  OUT/lora_text_encoder.safetensors   ... and the text encoder's, with --lora-text-encoder
+  OUT/learned_embeds.safetensors      --train textual-inversion: {token: [d] or [n, d]} (diffusers)
+  OUT/<token>.pt, OUT/<token>.safetensors   the same vectors in AUTOMATIC1111's form
+  OUT/model.safetensors    --export-compvis: the same model in the CompVis single-file layout
+
+For textual inversion the model folder IS the base model, bit for bit: the new word lives in the embedding files
+(`pipe.load_embedding(OUT / "learned_embeds.safetensors")` adds it to any copy of the model).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ..files import atomic_write
+from .trainable import remove_placeholder
+
+
+def embedding_file_stem(token: str) -> str:
+    """A file name for a token: "<pika>" -> "pika" (A1111 names the word after its file)."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "", token.strip("<>")) or "embedding"
+    return stem
+
+
+def export_embeddings(out, token: str, vectors, step: int) -> list[Path]:
+    from ..formats.embeddings import save_embedding
+    out, stem = Path(out), embedding_file_stem(token)
+    return [save_embedding(out / "learned_embeds.safetensors", token, vectors, format="diffusers"),
+            save_embedding(out / f"{stem}.pt", token, vectors, format="a1111", step=step),
+            save_embedding(out / f"{stem}.safetensors", token, vectors, format="a1111")]
+
+
+def export_model(pipe, out, cfg, step: int | None = None) -> Path:
+    """Write the model into OUT as a diffusers folder without touching OUT's logs and checkpoints: saved whole into
+    a temporary OUT/.export-*, then each part renamed into place, model_index.json last."""
+    import minidiff
+    from ..lora import lora_layers, lora_state_dict, merge_lora, save_lora
+
+    out = Path(out)
+    learned = remove_placeholder(pipe)                 # textual inversion: the base token table goes back
+    if learned is not None:
+        export_embeddings(out, cfg.placeholder_token, learned, step or cfg.steps)
+    if lora_layers(pipe.unet) and cfg.lora_export == "separate":
+        save_lora(pipe.unet, out / "lora.safetensors", {"base_model": str(cfg.model or "embedded")})
+    if lora_layers(pipe.text_encoder) and cfg.lora_export == "separate":
+        tensors = lora_state_dict(pipe.text_encoder, prefix="text_encoder.")
+        atomic_write(out / "lora_text_encoder.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    merge_lora(pipe.unet)
+    merge_lora(pipe.text_encoder)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        minidiff.save(pipe, staging / "model", format="diffusers")
+        parts = sorted(p for p in (staging / "model").iterdir() if p.name != "model_index.json")
+        for part in [*parts, staging / "model" / "model_index.json"]:
+            target = out / part.name
+            if target.is_dir():
+                old = staging / f"old-{part.name}"
+                os.replace(target, old)
+            os.replace(part, target)
+        if cfg.export_compvis:
+            minidiff.save(pipe, out / "model.safetensors", format="compvis")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+__all__ = ["export_model", "export_embeddings", "embedding_file_stem"]

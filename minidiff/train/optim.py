@@ -1,0 +1,57 @@
+"""Training, step 4 — the optimizer and THE learning-rate schedule (the one every minidiff training run uses).
+
+AdamW (Loshchilov & Hutter 2019): Adam's update with the weight decay applied to the weights directly,
+    m ← β₁m + (1−β₁)g,   v ← β₂v + (1−β₂)g²,   θ ← θ − η_s · ( m̂ / (√v̂ + ε) + λθ )
+and η_s = lr · lr_factor(s): a linear warm-up from 0, then constant, half a cosine, or a straight line down to
+`final` × lr at the last step (transformers' schedules when final = 0; the tiny recipe decays to a tenth).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(step: int, schedule: str, warmup: int, total: int, final: float = 0.0) -> float:
+    """The learning rate at optimizer step `step` (0-based) as a fraction of the peak lr: linear warm-up from 0 over
+    `warmup` steps, then constant, half a cosine, or a straight line from 1 down to `final` at step `total`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    return max(0.0, final + (1.0 - final) * shape)
+
+
+def make_lr_scheduler(optimizer, schedule: str, warmup: int, total: int, final: float = 0.0):
+    """A torch LambdaLR over lr_factor; its state_dict (the step counter) goes into every checkpoint."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule, warmup, total, final))
+
+
+def make_optimizer(params: list, lr: float, device: torch.device, kind: str = "adamw", weight_decay: float = 1e-2,
+                   betas=(0.9, 0.999), eps: float = 1e-8):
+    """AdamW, fused into one kernel on CUDA; 8-bit states (bitsandbytes) with kind="adamw8bit"."""
+    kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+    if kind == "adamw8bit":
+        if device.type != "cuda":
+            raise RuntimeError(f"--optimizer adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit optimizers); this run "
+                               f"is on {device}. Use --optimizer adamw.")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise RuntimeError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, **kw)
+    if kind != "adamw":
+        raise ValueError(f"optimizer must be 'adamw' or 'adamw8bit', got {kind!r}")
+    return torch.optim.AdamW(params, fused=True if device.type == "cuda" else None, **kw)
+
+
+__all__ = ["LR_SCHEDULES", "lr_factor", "make_lr_scheduler", "make_optimizer"]
