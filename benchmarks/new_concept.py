@@ -37,7 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, cpu_model, git_commit, load_average, versions
+from _common import REPO, cpu_model, load_average, versions
+from minidiff.shapes_eval import EVAL
 
 BEGIN, END = "<!-- new-concept:begin -->", "<!-- new-concept:end -->"
 CONCEPT = "cross"
@@ -134,22 +135,23 @@ def tuned_pipe(method: str, out: Path):
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-def measure(pipe, words: dict | None = None, seeds: int = 8) -> dict:
-    """Adherence (fraction of images judged correct) on the new concept, the held-out colour and the old pairs."""
+def measure(pipe, words: dict | None = None, seeds: int = 8, steps: int = EVAL["steps"]) -> dict:
+    """Adherence (fraction of images judged correct) on the new concept, the held-out colour and the old pairs
+    (sampler steps: the model card's 20; fewer only in a smoke run)."""
     from minidiff.data.shapes import CONCEPT_COLOURS, CONCEPT_HELD_OUT_COLOUR, TRAIN_PAIRS
     from minidiff.shapes_eval import evaluate
     s = range(seeds)
-    new = evaluate(pipe, [(c, CONCEPT) for c in CONCEPT_COLOURS], seeds=s, words=words)
-    held = evaluate(pipe, [(CONCEPT_HELD_OUT_COLOUR, CONCEPT)], seeds=s, words=words)
-    old = evaluate(pipe, TRAIN_PAIRS, seeds=s)
+    new = evaluate(pipe, [(c, CONCEPT) for c in CONCEPT_COLOURS], seeds=s, steps=steps, words=words)
+    held = evaluate(pipe, [(CONCEPT_HELD_OUT_COLOUR, CONCEPT)], seeds=s, steps=steps, words=words)
+    old = evaluate(pipe, TRAIN_PAIRS, seeds=s, steps=steps)
     return {"concept": new["accuracy"], "concept_shape": new["shape"], "held_out_colour": held["accuracy"],
             "original": old["accuracy"], "eval_s": new["seconds"] + held["seconds"] + old["seconds"]}
 
 
 def run_experiment(methods, work: Path, threads: int = 1, seeds: int = 8, steps: int | None = None,
-                   log=print, jobs: int = 1, n: int | None = None) -> dict:
+                   log=print, jobs: int = 1, n: int | None = None, eval_steps: int = EVAL["steps"]) -> dict:
     """Build the data, measure the base model, train each method (`jobs` finetune commands at once), then measure
-    each (`n`: another dataset size, for a smoke run). -> {"base": ..., "rows": {...}}."""
+    each (`n`, `eval_steps`: smaller, for a smoke run). -> {"base": ..., "rows": {...}}."""
     from concurrent.futures import ThreadPoolExecutor
     import torch
     import minidiff
@@ -158,7 +160,7 @@ def run_experiment(methods, work: Path, threads: int = 1, seeds: int = 8, steps:
     spec = {**DATA, "n": n or DATA["n"]}
     data = make_concept_dataset(work / "data", concept=CONCEPT, **spec)
     data_ti = make_concept_dataset(work / "data-ti", concept=CONCEPT, word=PLACEHOLDER, **spec)
-    base = measure(minidiff.load(), seeds=seeds)
+    base = measure(minidiff.load(), seeds=seeds, steps=eval_steps)
     log(f"base: {base}")
     rows = {m: {"skipped": f"not run: needs `minidiff finetune --train {METHODS[m][1]}`"}
             for m in methods if not supports(m)}
@@ -173,11 +175,11 @@ def run_experiment(methods, work: Path, threads: int = 1, seeds: int = 8, steps:
             continue
         out, t = work / m, runs[m]
         pipe, words = tuned_pipe(m, out)
-        before = measure(minidiff.load(), words, seeds) if m == "ti" else base   # "<cross>" is no word before
-        rows[m] = {**t, "before": before, "after": measure(pipe, words, seeds)}
+        before = measure(minidiff.load(), words, seeds, eval_steps) if m == "ti" else base   # no "<cross>" yet
+        rows[m] = {**t, "before": before, "after": measure(pipe, words, seeds, eval_steps)}
         log(f"{m}: {rows[m]}")
     return {"base": base, "rows": {m: rows[m] for m in methods}, "seeds": seeds, "threads": threads,
-            "jobs": jobs, "data": spec}
+            "jobs": jobs, "data": spec, "eval_steps": eval_steps}
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -210,7 +212,7 @@ def report(result: dict, argv: list[str]) -> str:
         BEGIN,
         f"Measured {time.strftime('%Y-%m-%d')} on {cpu_model()} ({os.cpu_count()} cores shared with other jobs, "
         f"load average {load_average()}), torch threads {result['threads']}, {result['jobs']} finetune run(s) at a "
-        f"time; {versions()}; commit {git_commit()}.",
+        f"time; {versions()}.",
         f"Command: `python benchmarks/new_concept.py {shlex.join(argv)}`".rstrip() + "",
         "",
         f"Base model: new concept {pct(base['concept'])}, green cross {pct(base['held_out_colour'])}, original 15 pairs "

@@ -19,7 +19,7 @@ def expected_lora_elements(rank: int) -> int:
 
 
 def test_smoke_run_of_one_method_and_its_report(tmp_path):
-    result = new_concept.run_experiment(["lora", "ti"], tmp_path, threads=1, seeds=1, steps=2, n=16,
+    result = new_concept.run_experiment(["lora", "ti"], tmp_path, threads=1, seeds=1, steps=2, n=16, eval_steps=4,
                                         log=lambda s: None)
     base, row = result["base"], result["rows"]["lora"]
     assert base["concept"] == 0.0                                  # the base model never draws a cross
