@@ -182,9 +182,38 @@ def run_experiment(methods, work: Path, threads: int = 1, seeds: int = 8, steps:
             "jobs": jobs, "data": spec, "eval_steps": eval_steps}
 
 
+GRID_PROMPTS = ["a red cross", "a blue cross", "a purple cross", "a green cross", "a red circle", "a yellow square",
+                "a blue triangle"]
+
+
+def method_grid(work: Path, methods, seeds=(0, 1, 2), cell: int = 64):
+    """One row per prompt of GRID_PROMPTS; for each seed, a column for the base model and one per trained method
+    (textual inversion's prompts say "<cross>"). -> a PIL image (minidiff.compare.make_grid)."""
+    import minidiff
+    from minidiff.compare import make_grid
+    from minidiff.shapes_eval import EVAL
+    kw = dict(steps=EVAL["steps"], scheduler=EVAL["scheduler"], guidance_scale=EVAL["guidance_scale"], progress=False)
+    models = [("base", minidiff.load(), {})] + [(m, *tuned_pipe(m, work / m)) for m in methods
+                                                  if (work / m / "model_index.json").exists()]
+    rows = []
+    for prompt in GRID_PROMPTS:
+        row = []
+        for s in seeds:
+            for _, pipe, words in models:
+                p = prompt.replace(f" {CONCEPT}", f" {words[CONCEPT]}") if CONCEPT in words else prompt
+                row.append(pipe.generate(p, seed=s, **kw)[0])
+        rows.append(row)
+    cols = [f"{name} s{s}" for s in seeds for name, _, _ in models]
+    return make_grid(rows, GRID_PROMPTS, cols, cell=cell)
+
+
 # ------------------------------------------------------------------------------------------------ the report
 def pct(x: float) -> str:
     return f"{100 * x:.0f}%"
+
+
+def size(n: int) -> str:
+    return f"{n:,} B" if n < 10240 else f"{n / 1024:,.0f} KiB"
 
 
 def table(result: dict) -> str:
@@ -200,7 +229,7 @@ def table(result: dict) -> str:
         forget = 100 * (base["original"] - a["original"])
         lines.append(f"| {LABELS[m]} | {r['params']:,} | {pct(b['concept'])} → **{pct(a['concept'])}** | "
                      f"{pct(a['held_out_colour'])} | {pct(a['original'])} ({forget:+.1f} points) | "
-                     f"{r['wall_s']:.0f} s | `{r['file']}` | {r['bytes'] / 1024:,.0f} KiB |")
+                     f"{r['wall_s']:.0f} s | `{r['file']}` | {size(r['bytes'])} |")
     return "\n".join(lines)
 
 
@@ -244,6 +273,7 @@ def main(argv=None) -> int:
                    help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     p.add_argument("--out", default=None, help="also write the report into this markdown file (between the markers)")
     p.add_argument("--json", default=None, help="also write the numbers as JSON")
+    p.add_argument("--grid", default=None, help="also write a PNG: the grid prompts × seeds × (base, each method)")
     p.add_argument("--work", default=None, help="keep the data and the runs here (default: a temporary folder)")
     p.add_argument("--seeds", type=int, default=8, help="seeds per prompt in the evaluation (default: 8)")
     p.add_argument("--threads", type=int, default=1,
@@ -263,6 +293,8 @@ def main(argv=None) -> int:
     try:
         result = run_experiment(methods, work, args.threads, args.seeds, args.steps,
                                 log=lambda s: print(s, file=sys.stderr), jobs=args.jobs)
+        if args.grid:
+            method_grid(work, methods).save(args.grid)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
