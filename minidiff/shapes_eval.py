@@ -9,7 +9,10 @@ The detector reads an image the way the dataset drew it (minidiff.data.shapes), 
   2. colour       the palette colour nearest (Euclidean RGB) to the per-channel median of the foreground.
   3. shape        the largest 4-connected blob of foreground, and its fill ratio
                       fill = blob pixels / bounding-box pixels ≈ 1 (square), π/4 ≈ 0.785 (circle), 1/2 (triangle)
-                  cut at the midpoints: square above 0.89, circle above 0.64, triangle below.
+                  cut at the midpoints: square above 0.89, circle above 0.64, triangle below — unless the blob is
+                  a cross (the new concept of the fine-tuning experiment, fill 5/9). Its box split into 3×3 cells,
+                      crossness = mean ink of the 5 plus-sign cells − mean ink of the 4 corner cells
+                  is 1 for a cross, ≈ 0.42 for a disc, ≈ 0.25 for a triangle, 0 for a square; above 0.7 it is a cross.
   4. clean        the image shows ONE shape: the blob holds ≥ 90% of the foreground and is at least 30 pixels.
 
 An image counts as correct when it is clean and shows the asked colour AND the asked shape.
@@ -36,6 +39,9 @@ ROUGH_DISTANCE = 60.0   # step 1's first pass: anything this far from white may 
 SQUARE_ABOVE = (1 + np.pi / 4) / 2                         # 0.893: midway between square and circle
 CIRCLE_ABOVE = (np.pi / 4 + 0.5) / 2                       # 0.643: midway between circle and triangle
 MIN_PIXELS, MIN_BLOB_SHARE = 30, 0.9
+CROSS_ABOVE = 0.7                                          # crossness: between a disc's 0.42 and a cross's 1
+PLUS_CELLS = ([0, 1, 1, 1, 2], [1, 0, 1, 2, 1])            # (row, column) indices of the 3×3 cells of a plus sign
+CORNER_CELLS = ([0, 0, 2, 2], [0, 2, 0, 2])
 
 # the evaluation protocol: fixed so the numbers in the model card can be reproduced
 EVAL = {"steps": 20, "scheduler": "ddim", "guidance_scale": 5.0, "seeds": tuple(range(8))}
@@ -80,15 +86,26 @@ def largest_blob(mask: np.ndarray) -> np.ndarray:
     return label == best if best else np.zeros_like(mask)
 
 
+def crossness(box: np.ndarray) -> float:
+    """How much a boolean mask cropped to its bounding box [h, w] looks like a plus sign: split it into 3×3 cells
+    (cell edges at the thirds, rounded down) -> mean ink of the 5 plus-sign cells − mean ink of the 4 corners."""
+    h, w = box.shape
+    if h < 3 or w < 3:
+        return 0.0
+    ink = np.array([[box[i * h // 3:(i + 1) * h // 3, j * w // 3:(j + 1) * w // 3].mean() for j in range(3)]
+                    for i in range(3)])                         # [3, 3] fraction of each cell that is ink
+    return float(ink[PLUS_CELLS].mean() - ink[CORNER_CELLS].mean())
+
+
 def detect(image) -> dict:
-    """Judge one image -> {"colour": name | None, "shape": name | None, "fill": float, "pixels": int,
-    "blob_share": float, "clean": bool, "bbox": (top, left, bottom, right) | None}."""
+    """Judge one image -> {"colour": name | None, "shape": name | None, "fill": float, "crossness": float,
+    "pixels": int, "blob_share": float, "clean": bool, "bbox": (top, left, bottom, right) | None}."""
     x = as_array(image)                                         # [H, W, 3]
     dist = np.sqrt(((x - WHITE) ** 2).sum(-1))                  # [H, W] distance from white
     rough = dist > ROUGH_DISTANCE
     if not rough.any():
-        return {"colour": None, "shape": None, "fill": 0.0, "pixels": 0, "blob_share": 0.0, "clean": False,
-                "bbox": None}
+        return {"colour": None, "shape": None, "fill": 0.0, "crossness": 0.0, "pixels": 0, "blob_share": 0.0,
+                "clean": False, "bbox": None}
     k = _nearest_colour(np.median(x[rough], axis=0))            # step 2 on the rough mask
     ink = dist / np.linalg.norm(PALETTE[k] - WHITE)             # coverage estimate a
     fg = ink >= 0.5                                             # [H, W] foreground
@@ -97,14 +114,18 @@ def detect(image) -> dict:
     blob = largest_blob(fg)
     n, total = int(blob.sum()), int(fg.sum())
     if n == 0:
-        return {"colour": NAMES[k], "shape": None, "fill": 0.0, "pixels": 0, "blob_share": 0.0, "clean": False,
-                "bbox": None}
+        return {"colour": NAMES[k], "shape": None, "fill": 0.0, "crossness": 0.0, "pixels": 0, "blob_share": 0.0,
+                "clean": False, "bbox": None}
     rows, cols = np.nonzero(blob)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     fill = n / float((bottom - top) * (right - left))
-    shape = "square" if fill > SQUARE_ABOVE else "circle" if fill > CIRCLE_ABOVE else "triangle"
+    plus = crossness(blob[top:bottom, left:right])              # [h, w] crop of the blob
+    if plus > CROSS_ABOVE:
+        shape = "cross"
+    else:
+        shape = "square" if fill > SQUARE_ABOVE else "circle" if fill > CIRCLE_ABOVE else "triangle"
     share = n / total
-    return {"colour": NAMES[k], "shape": shape, "fill": fill, "pixels": n, "blob_share": share,
+    return {"colour": NAMES[k], "shape": shape, "fill": fill, "crossness": plus, "pixels": n, "blob_share": share,
             "clean": bool(n >= MIN_PIXELS and share >= MIN_BLOB_SHARE),
             "bbox": (int(top), int(left), int(bottom), int(right))}
 
@@ -121,16 +142,18 @@ def judge(image, colour: str, shape: str) -> dict:
 # ------------------------------------------------------------------------------------------------ evaluation
 def generate_grid(pipe, pairs=ALL_PAIRS, seeds=EVAL["seeds"], steps: int = EVAL["steps"],
                   scheduler: str = EVAL["scheduler"], guidance_scale: float = EVAL["guidance_scale"],
-                  batch: int = 72):
+                  batch: int = 72, words: dict | None = None):
     """Images for every (pair, seed): the initial noise of seed s is torch.randn([1, 4, h, w], Generator(s)), so an
-    image equals pipe.generate(prompt, seed=s) on its own. -> (float tensor [P·S, 3, H, W] in [0, 1], prompts list)."""
+    image equals pipe.generate(prompt, seed=s) on its own. `words` renames a shape in the prompts ({"cross": "<cross>"}:
+    a textual-inversion placeholder). -> (float tensor [P·S, 3, H, W] in [0, 1], prompts list)."""
     import torch
     c = pipe.unet.config
     shape = (1, c.in_channels, c.sample_size, c.sample_size)
+    words = words or {}
     prompts, noise = [], []
     for colour, shape_name in pairs:
         for s in seeds:
-            prompts.append(caption(colour, shape_name))
+            prompts.append(caption(colour, words.get(shape_name, shape_name)))
             noise.append(torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))))
     noise = torch.cat(noise)                                                    # [P·S, 4, h, w]
     out = []
@@ -141,27 +164,29 @@ def generate_grid(pipe, pairs=ALL_PAIRS, seeds=EVAL["seeds"], steps: int = EVAL[
 
 
 def evaluate(pipe, pairs=ALL_PAIRS, seeds=EVAL["seeds"], steps: int = EVAL["steps"],
-             scheduler: str = EVAL["scheduler"], guidance_scale: float = EVAL["guidance_scale"]) -> dict:
-    """Generate every pair × seed and judge it. -> {"trained": accuracy, "held_out": accuracy, "per_pair":
-    {prompt: accuracy}, "colour": acc, "shape": acc, "images": tensor, "judgements": list, "settings": dict}.
-    Accuracies are fractions of images judged correct (asked colour AND shape, one clean shape)."""
+             scheduler: str = EVAL["scheduler"], guidance_scale: float = EVAL["guidance_scale"],
+             words: dict | None = None) -> dict:
+    """Generate every pair × seed and judge it. -> {"accuracy": over all images, "trained": accuracy, "held_out":
+    accuracy, "per_pair": {prompt: accuracy}, "colour": acc, "shape": acc, "images": tensor, "judgements": list,
+    "settings": dict}. Accuracies are fractions of images judged correct (asked colour AND shape, one clean shape).
+    A pair may use a concept shape (("red", "cross")); `words` as generate_grid's."""
     t0 = time.perf_counter()
-    images, prompts = generate_grid(pipe, pairs, seeds, steps, scheduler, guidance_scale)
+    images, prompts = generate_grid(pipe, pairs, seeds, steps, scheduler, guidance_scale, words=words)
     seconds = time.perf_counter() - t0
+    asked = [pair for pair in pairs for _ in seeds]                             # prompts' order: pair-major
     judgements = []
-    for img, p in zip(images, prompts):
-        colour, shape = p.split()[1:]
-        judgements.append({"prompt": p, **judge(img, colour, shape)})
+    for img, p, (colour, shape) in zip(images, prompts, asked):
+        judgements.append({"prompt": p, "held_out": (colour, shape) in HELD_OUT, **judge(img, colour, shape)})
     per_pair = {}
     for j in judgements:
         per_pair.setdefault(j["prompt"], []).append(j["correct"])
-    held = {caption(*p) for p in HELD_OUT}
 
     def acc(keep):
-        xs = [j["correct"] for j in judgements if keep(j["prompt"])]
+        xs = [j["correct"] for j in judgements if keep(j)]
         return float(np.mean(xs)) if xs else float("nan")
 
-    return {"trained": acc(lambda p: p not in held), "held_out": acc(lambda p: p in held),
+    return {"accuracy": acc(lambda j: True), "trained": acc(lambda j: not j["held_out"]),
+            "held_out": acc(lambda j: j["held_out"]),
             "per_pair": {p: float(np.mean(v)) for p, v in per_pair.items()},
             "colour": float(np.mean([j["colour_ok"] for j in judgements])),
             "shape": float(np.mean([j["shape_ok"] for j in judgements])),

@@ -146,3 +146,69 @@ def test_module_constants_are_the_specified_palette():
     assert shapes.COLOURS == {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
                               "yellow": (240, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 30)}
     assert (shapes.MIN_SIZE, shapes.MAX_SIZE, shapes.IMAGE_SIZE) == (12, 24, 32)
+
+
+# ------------------------------------------------------------------------------------------------ the new concept
+def test_cross_coverage_matches_geometry():
+    """A plus sign of bars size/3 wide: area = 2·(s·s/3) − (s/3)² = 5 s²/9; the bars' middle is full, corners empty."""
+    for size in (12, 17, 24):
+        cov = coverage("cross", size, 3, 5)
+        assert cov.sum() == pytest.approx(5 * size ** 2 / 9, rel=0.03), size
+        rows, cols = np.nonzero(cov)
+        assert rows.min() >= 5 and rows.max() < 5 + size and cols.min() >= 3 and cols.max() < 3 + size
+    cov = coverage("cross", 18, 0, 0, antialias=False)
+    assert cov[9, 0] == 1 and cov[0, 9] == 1 and cov[17, 9] == 1 and cov[9, 17] == 1    # the four arm ends
+    assert cov[:6, :6].sum() == 0 and cov[12:18, 12:18].sum() == 0                      # two corners: empty
+    assert "cross" in shapes.CONCEPT_SHAPES and "cross" not in SHAPES
+
+
+def test_make_concept_dataset_is_deterministic_with_right_captions(tmp_path):
+    a = shapes.make_concept_dataset(tmp_path / "a", concept="cross", n=30, seed=3)
+    b = shapes.make_concept_dataset(tmp_path / "b", concept="cross", n=30, seed=3)
+    c = shapes.make_concept_dataset(tmp_path / "c", concept="cross", n=30, seed=4)
+    ti = shapes.make_concept_dataset(tmp_path / "ti", concept="cross", n=30, seed=3, word="<cross>")
+    meta = (a / "metadata.jsonl").read_text()
+    assert meta == (b / "metadata.jsonl").read_text() and meta != (c / "metadata.jsonl").read_text()
+    rows = [json.loads(line) for line in meta.splitlines()]
+    images, captions = load_dataset(a)
+    new = [r for r in rows if r["concept"]]
+    old = [r for r in rows if not r["concept"]]
+    assert len(new) == 15 and len(old) == 15                                    # replay = 0.5
+    assert [r["colour"] for r in new] == ["red", "blue", "yellow", "purple", "orange"] * 3   # no green: held out
+    for img, r, text in zip(images, rows, captions):
+        assert text == r["text"] == f"a {r['colour']} {r['shape']}"
+        assert (r["shape"] == "cross") == r["concept"]
+        assert r["concept"] or (r["colour"], r["shape"]) in TRAIN_PAIRS
+        assert np.array_equal(img, render_shape(r["colour"], r["shape"], r["size"], r["x"], r["y"]))
+    ti_rows = [json.loads(line) for line in (ti / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in ti_rows] == [f"a {r['colour']} <cross>" if r["concept"] else r["text"] for r in rows]
+    assert np.array_equal(load_dataset(ti)[0], images)                          # same pictures, other word
+
+
+def test_make_concept_dataset_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown concept 'hexagon'; choose from \('cross',\)"):
+        shapes.make_concept_dataset(tmp_path, concept="hexagon")
+    with pytest.raises(ValueError, match=r"replay must be in \[0, 1\), got 1"):
+        shapes.make_concept_dataset(tmp_path, replay=1)
+    with pytest.raises(ValueError, match=r"colours must be a non-empty list of .*, got \['pink'\]"):
+        shapes.make_concept_dataset(tmp_path, colours=["pink"])
+
+
+@pytest.mark.parametrize("antialias", [True, False])
+def test_detector_recognises_the_cross_and_keeps_the_old_shapes(antialias):
+    """Every colour × size 12..24 at random positions: a drawn cross is judged a cross, and no circle, square or
+    triangle is ever taken for one (their crossness stays far below the threshold)."""
+    from minidiff.shapes_eval import CROSS_ABOVE
+    rng = np.random.default_rng(5 if antialias else 6)
+    for colour in COLOURS:
+        for size in range(12, 25):
+            x, y = (int(v) for v in rng.integers(0, 33 - size, size=2))
+            d = judge(render_shape(colour, "cross", size, x, y, antialias=antialias), colour, "cross")
+            assert d["correct"] and d["crossness"] > 0.8, (colour, size, x, y, d)
+            assert np.abs(np.subtract(d["bbox"], (y, x, y + size, x + size))).max() <= 1
+            for shape in SHAPES:
+                d = detect(render_shape(colour, shape, size, x, y, antialias=antialias))
+                assert d["shape"] == shape and d["crossness"] < CROSS_ABOVE - 0.15, (colour, shape, size, d)
+    assert not judge(render_shape("red", "cross", 20, 4, 4), "red", "triangle")["correct"]   # fill 5/9 < 0.64
+    noisy = np.clip(render_shape("blue", "cross", 16, 8, 8) + rng.normal(0, 8, (32, 32, 3)), 0, 255).astype(np.uint8)
+    assert judge(noisy, "blue", "cross")["correct"]

@@ -13,12 +13,23 @@ its top-left corner (x, y) anywhere that keeps it fully inside the canvas.
     circle    the disc inscribed in the box                  area / box = π/4 ≈ 0.785
     square    the box itself                                 area / box = 1
     triangle  upright: apex at the top middle, base at the bottom edge of the box    area / box = 1/2
+    cross     (the new concept, not in make_dataset's data) a plus sign: the middle third of the box's rows and
+              of its columns                                 area / box = 2/3 - 1/9 = 5/9
 
 Edges are anti-aliased by 4×4 supersampling (a pixel is coloured in proportion to how much of it the shape
 covers), which makes the images a little smoother for the VAE to reconstruct.
 
     make_dataset("data/shapes", n=20000, seed=0)   # PNGs + metadata.jsonl (Hugging Face "imagefolder" layout)
     images, captions = load_dataset("data/shapes") # uint8 [N, 32, 32, 3], list of N strings
+
+A fourth shape, the **cross** (a plus sign: two bars a third of the box wide, area / box = 5/9), is drawn the same way
+but is not part of the data above: the embedded model never saw it. It is the new concept that the fine-tuning
+experiment teaches (benchmarks/new_concept.py, docs/finetuning.md):
+
+    make_concept_dataset("data/cross", concept="cross", n=96, seed=0)   # crosses in 5 colours + replayed old pairs
+
+(Why a shape and not a colour: the tiny VAE was trained on six colours and decodes a seventh as the nearest of them
+— a pink disc comes back purple — and what the frozen autoencoder cannot draw, no U-Net can learn to ask for.)
 """
 from __future__ import annotations
 
@@ -42,6 +53,10 @@ SHAPES = ("circle", "square", "triangle")
 HELD_OUT = (("purple", "triangle"), ("orange", "circle"), ("green", "square"))
 ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)                 # 18
 TRAIN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELD_OUT)             # 15
+CONCEPT_SHAPES = ("cross",)      # drawable, but never in the embedded model's training data: new concepts to teach
+CROSS_BAR = 1 / 3                # the cross's bar width, as a fraction of its box
+CONCEPT_COLOURS = ("red", "blue", "yellow", "purple", "orange")   # the colours a concept dataset shows it in
+CONCEPT_HELD_OUT_COLOUR = "green"                                   # ... and the one kept out (does it compose?)
 SUPERSAMPLE = 4  # anti-aliasing: each pixel is the mean of 4×4 sub-pixel samples
 
 
@@ -63,9 +78,10 @@ def coverage(shape: str, size: int, x: float, y: float, image_size: int = IMAGE_
              antialias: bool = True) -> np.ndarray:
     """The fraction of each pixel that the shape covers -> float32 [H, W] in [0, 1] (0/1 only without antialias).
 
-    The bounding box is [x, x+size) × [y, y+size) in pixel units; pixel (i, j) spans [j, j+1) × [i, i+1)."""
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
+    The bounding box is [x, x+size) × [y, y+size) in pixel units; pixel (i, j) spans [j, j+1) × [i, i+1).
+    `shape` is one of SHAPES or CONCEPT_SHAPES."""
+    if shape not in SHAPES + CONCEPT_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES + CONCEPT_SHAPES}")
     k = SUPERSAMPLE if antialias else 1
     c = (np.arange(image_size * k) + 0.5) / k          # sample points: sub-pixel centres, [H·k]
     px, py = c[None, :], c[:, None]                    # [1, W·k] and [H·k, 1], broadcast to [H·k, W·k]
@@ -74,6 +90,10 @@ def coverage(shape: str, size: int, x: float, y: float, image_size: int = IMAGE_
         inside = (px >= x) & (px < x + s) & (py >= y) & (py < y + s)
     elif shape == "circle":
         inside = (px - (x + s / 2)) ** 2 + (py - (y + s / 2)) ** 2 <= (s / 2) ** 2
+    elif shape == "cross":  # inside the box, and within half a bar of its vertical or horizontal centre line
+        in_box = (px >= x) & (px < x + s) & (py >= y) & (py < y + s)
+        half = CROSS_BAR * s / 2
+        inside = in_box & ((np.abs(px - (x + s / 2)) < half) | (np.abs(py - (y + s / 2)) < half))
     else:  # upright triangle: at height py the half-width grows linearly from 0 (apex) to s/2 (base)
         depth = (py - y) / s                           # 0 at the apex row, 1 at the base
         inside = (depth >= 0) & (depth <= 1) & (np.abs(px - (x + s / 2)) <= depth * s / 2)
@@ -156,12 +176,16 @@ def make_dataset(out_dir, n: int, seed: int = 0, pairs=TRAIN_PAIRS) -> Path:
     """Write n images as out_dir/images/00000.png ... and out_dir/metadata.jsonl with one row per image:
     {"file_name": "images/00000.png", "text": "a red circle", "colour", "shape", "size", "x", "y"}.
     The same (n, seed) writes the same files. Held-out pairs are absent unless `pairs` includes them."""
+    return _write_imagefolder(out_dir, sample_specs(n, seed, pairs))
+
+
+def _write_imagefolder(out_dir, specs: list[dict]) -> Path:
+    """out_dir/images/00000.png ... (one rendered spec each) + out_dir/metadata.jsonl ({"file_name", **spec})."""
     from PIL import Image
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    specs = sample_specs(n, seed, pairs)
     rows = []
-    width = max(5, len(str(n - 1)))
+    width = max(5, len(str(len(specs) - 1)))
     for i, s in enumerate(specs):
         name = f"images/{i:0{width}d}.png"
         Image.fromarray(render_shape(s["colour"], s["shape"], s["size"], s["x"], s["y"])).save(out / name)
@@ -169,6 +193,40 @@ def make_dataset(out_dir, n: int, seed: int = 0, pairs=TRAIN_PAIRS) -> Path:
     write_metadata, _ = _metadata_io()
     write_metadata(out, rows)
     return out
+
+
+def make_concept_dataset(out_dir, concept: str = "cross", n: int = 96, seed: int = 0, replay: float = 0.5,
+                         word: str | None = None, colours=CONCEPT_COLOURS) -> Path:
+    """A small captioned set that teaches a new concept: an imagefolder like make_dataset's.
+
+    round(n·(1 − replay)) images of the concept — "a {colour} {word}", the colour cycling through `colours` (green is
+    left out by default, to ask afterwards whether the new word composes with a colour it was never shown with),
+    size and position drawn as sample_specs does — then the rest *replayed* from the old world (TRAIN_PAIRS, drawn
+    by sample_specs with seed + 1). Without the replay every step only says "draw crosses" and the model drifts
+    away from what it knew (catastrophic forgetting).
+
+    `word` is the concept's word in the captions (default: the concept's name); textual inversion passes its
+    placeholder ("<cross>") so that only the new token carries the concept. Rows as make_dataset's, plus
+    "concept": true/false. The same arguments write the same files."""
+    if concept not in CONCEPT_SHAPES:
+        raise ValueError(f"unknown concept {concept!r}; choose from {CONCEPT_SHAPES} (a shape the embedded model "
+                         f"never saw)")
+    if not 0 <= replay < 1:
+        raise ValueError(f"replay must be in [0, 1), got {replay}")
+    bad = [c for c in colours if c not in COLOURS]
+    if not colours or bad:
+        raise ValueError(f"colours must be a non-empty list of {tuple(COLOURS)}, got {list(colours)}")
+    word = word or concept
+    n_new = round(n * (1 - replay))
+    rng = np.random.default_rng(seed)
+    specs = []
+    for i in range(n_new):
+        colour, size = colours[i % len(colours)], int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
+        x, y = (int(v) for v in rng.integers(0, IMAGE_SIZE - size + 1, size=2))
+        specs.append({"colour": colour, "shape": concept, "size": size, "x": x, "y": y,
+                      "text": f"a {colour} {word}", "concept": True})
+    specs += [{**s, "concept": False} for s in sample_specs(n - n_new, seed + 1)]
+    return _write_imagefolder(out_dir, specs)
 
 
 def load_dataset(folder) -> tuple[np.ndarray, list[str]]:
@@ -182,6 +240,6 @@ def load_dataset(folder) -> tuple[np.ndarray, list[str]]:
     return images, [r["text"] for r in rows]
 
 
-__all__ = ["ALL_PAIRS", "COLOURS", "HELD_OUT", "IMAGE_SIZE", "MAX_SIZE", "MIN_SIZE", "SHAPES", "TRAIN_PAIRS",
-           "caption", "coverage", "load_dataset", "make_dataset", "parse_caption", "random_images", "render_shape",
+__all__ = ["ALL_PAIRS", "COLOURS", "CONCEPT_COLOURS", "CONCEPT_HELD_OUT_COLOUR", "CONCEPT_SHAPES", "CROSS_BAR", "HELD_OUT", "IMAGE_SIZE", "MAX_SIZE", "MIN_SIZE", "SHAPES", "TRAIN_PAIRS",
+           "caption", "coverage", "load_dataset", "make_concept_dataset", "make_dataset", "parse_caption", "random_images", "render_shape",
            "render_specs", "sample_specs", "to_tensor"]

@@ -1,0 +1,311 @@
+"""Did the fine-tune teach it anything? The new-concept experiment, measured on a CPU in minutes.
+
+The embedded shapes model (weights/minidiff-shapes) knows 6 colours × 3 shapes and has never seen a **cross** (a plus
+sign; minidiff.data.shapes.CONCEPT_SHAPES). Each method is taught the cross from the same small captioned set,
+
+    make_concept_dataset(DIR, concept="cross", n=384, seed=0)   192 crosses in red/blue/yellow/purple/orange
+                                                                + 192 replayed images of the old 15 pairs
+
+through the command users run (`minidiff finetune --train ...`), and judged by the pixel detector of
+minidiff.shapes_eval (one clean shape, the asked colour AND the asked shape; crosses by their 3×3 "crossness"):
+
+    new concept      "a {colour} cross" for the 5 taught colours × 8 seeds          (before and after)
+    held-out colour  "a green cross" × 8 seeds: green crosses are not in the data     (does the word compose?)
+    original pairs   the 15 trained "a {colour} {shape}" pairs × 8 seeds              (forgetting = before − after)
+
+plus the trained parameters (elements of the trained file), the wall time of the finetune command, and the size of
+what a user keeps: the U-Net for full, the trained blocks for last-N, lora.safetensors, learned_embeds.safetensors.
+Sampling as the model card's evaluation: DDIM, 20 steps, guidance 5, seed s = torch.Generator().manual_seed(s).
+
+    python benchmarks/new_concept.py                                   # all methods; prints the markdown table
+    python benchmarks/new_concept.py --methods full,lora --out docs/finetuning.md   # + writes it into the doc
+
+--out replaces the text between `<!-- new-concept:begin -->` and `<!-- new-concept:end -->` in that file (or appends
+the block when the markers are absent). Textual inversion needs `minidiff finetune --train textual-inversion`;
+without it its row says "not run".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import REPO, cpu_model, load_average, versions
+from minidiff.shapes_eval import EVAL
+
+BEGIN, END = "<!-- new-concept:begin -->", "<!-- new-concept:end -->"
+CONCEPT = "cross"
+PLACEHOLDER = "<cross>"
+DATA = dict(n=384, seed=0, replay=0.5)
+# one recipe per method: finetune flags beyond --data/--output. Chosen so each run takes a few minutes on 2 cores.
+COMMON = ["--batch-size", "16", "--warmup-steps", "10", "--lr-schedule", "cosine", "--cache-latents", "--random-flip",
+          "--seed", "0", "--validation-steps", "0", "--no-progress"]
+# last-up-blocks 2: the last block (8×8, no attention) cannot read the prompt; the one before it has cross-attention
+METHODS = {
+    "full": ["--train", "unet", "--steps", "800", "--lr", "5e-4"],
+    "last-n": ["--train", "last-up-blocks", "--up-blocks", "2", "--steps", "800", "--lr", "5e-4"],
+    "lora": ["--train", "lora", "--lora-rank", "16", "--lora-export", "separate", "--steps", "1200", "--lr", "5e-3"],
+    "ti": ["--train", "textual-inversion", "--placeholder-token", PLACEHOLDER, "--initializer-token", "square",
+           "--steps", "600", "--lr", "1e-2"],
+}
+LABELS = {"full": "full U-Net", "last-n": "last 2 up-blocks", "lora": "LoRA r=16 (attention)",
+          "ti": f"textual inversion `{PLACEHOLDER}`"}
+
+
+# ------------------------------------------------------------------------------------------------ one method
+def finetune_command(method: str, data: Path, out: Path, steps: int | None = None) -> list[str]:
+    """The `minidiff finetune` command line of a method (steps overridden for a smoke run)."""
+    flags = list(METHODS[method])
+    if steps is not None:
+        flags[flags.index("--steps") + 1] = str(steps)
+    return [sys.executable, "-m", "minidiff", "finetune", "--data", str(data), "--output", str(out),
+            "--checkpoint-every", flags[flags.index("--steps") + 1], *COMMON, *flags]
+
+
+def trained_file(method: str, out: Path) -> Path | None:
+    """The file a user keeps after the run: what holds exactly the trained tensors."""
+    if method == "full":
+        return out / "unet" / "diffusion_pytorch_model.safetensors"
+    if method == "lora":
+        return out / "lora.safetensors"
+    if method == "ti":
+        return out / "learned_embeds.safetensors"
+    found = sorted(out.glob("checkpoints/step-*/trainable.safetensors"))   # last-n: only the trained blocks
+    return found[-1] if found else None
+
+
+def count_elements(path: Path) -> int:
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def supports(method: str) -> bool:
+    """Whether this checkout's `minidiff finetune` knows the method's --train value."""
+    try:
+        from minidiff.commands.finetune import add_arguments     # where the CLI lives once minidiff.train exists
+    except ImportError:
+        from minidiff.finetune import add_arguments
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    choices = next(a.choices for a in p._actions if a.dest == "train")
+    return choices is None or METHODS[method][1] in choices
+
+
+def train_method(method: str, data: Path, out: Path, threads: int, steps: int | None = None) -> dict:
+    """Run `minidiff finetune` for one method -> {"command", "wall_s", "file", "bytes", "params"}."""
+    cmd = finetune_command(method, data, out, steps)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    t0 = time.perf_counter()
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    wall = time.perf_counter() - t0
+    if run.returncode:
+        raise RuntimeError(f"{method}: `{shlex.join(cmd[1:])}` failed:\n{run.stderr[-3000:]}")
+    f = trained_file(method, out)
+    return {"command": "minidiff " + shlex.join(cmd[3:]), "wall_s": wall, "file": str(f.relative_to(out)) if f else None,
+            "bytes": f.stat().st_size if f else None, "params": count_elements(f) if f else None}
+
+
+def tuned_pipe(method: str, out: Path):
+    """The fine-tuned model as a user loads it, and the prompt words it understands."""
+    import minidiff
+    if method == "ti":
+        pipe = minidiff.load()
+        pipe.load_embedding(str(out / "learned_embeds.safetensors"))
+        return pipe, {CONCEPT: PLACEHOLDER}
+    if method == "lora":
+        from minidiff.lora import apply_lora
+        return apply_lora(minidiff.load(), out / "lora.safetensors"), {}
+    return minidiff.load(str(out)), {}
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def measure(pipe, words: dict | None = None, seeds: int = 8, steps: int = EVAL["steps"]) -> dict:
+    """Adherence (fraction of images judged correct) on the new concept, the held-out colour and the old pairs
+    (sampler steps: the model card's 20; fewer only in a smoke run)."""
+    from minidiff.data.shapes import CONCEPT_COLOURS, CONCEPT_HELD_OUT_COLOUR, TRAIN_PAIRS
+    from minidiff.shapes_eval import evaluate
+    s = range(seeds)
+    new = evaluate(pipe, [(c, CONCEPT) for c in CONCEPT_COLOURS], seeds=s, steps=steps, words=words)
+    held = evaluate(pipe, [(CONCEPT_HELD_OUT_COLOUR, CONCEPT)], seeds=s, steps=steps, words=words)
+    old = evaluate(pipe, TRAIN_PAIRS, seeds=s, steps=steps)
+    return {"concept": new["accuracy"], "concept_shape": new["shape"], "held_out_colour": held["accuracy"],
+            "original": old["accuracy"], "eval_s": new["seconds"] + held["seconds"] + old["seconds"]}
+
+
+def run_experiment(methods, work: Path, threads: int = 1, seeds: int = 8, steps: int | None = None,
+                   log=print, jobs: int = 1, n: int | None = None, eval_steps: int = EVAL["steps"]) -> dict:
+    """Build the data, measure the base model, train each method (`jobs` finetune commands at once), then measure
+    each (`n`, `eval_steps`: smaller, for a smoke run). -> {"base": ..., "rows": {...}}."""
+    from concurrent.futures import ThreadPoolExecutor
+    import torch
+    import minidiff
+    from minidiff.data.shapes import make_concept_dataset
+    torch.set_num_threads(threads)
+    spec = {**DATA, "n": n or DATA["n"]}
+    data = make_concept_dataset(work / "data", concept=CONCEPT, **spec)
+    data_ti = make_concept_dataset(work / "data-ti", concept=CONCEPT, word=PLACEHOLDER, **spec)
+    base = measure(minidiff.load(), seeds=seeds, steps=eval_steps)
+    log(f"base: {base}")
+    rows = {m: {"skipped": f"not run: needs `minidiff finetune --train {METHODS[m][1]}`"}
+            for m in methods if not supports(m)}
+    steps_of = {m: int(METHODS[m][METHODS[m].index("--steps") + 1]) for m in METHODS}
+    todo = sorted((m for m in methods if m not in rows), key=lambda m: -steps_of[m])   # the longest runs first
+    with ThreadPoolExecutor(max(1, jobs)) as pool:                 # each job is a subprocess: threads suffice
+        runs = dict(zip(todo, pool.map(lambda m: train_method(m, data_ti if m == "ti" else data, work / m, threads,
+                                                              steps), todo)))
+    for m in methods:
+        if m in rows:
+            log(f"{m}: {rows[m]['skipped']}")
+            continue
+        out, t = work / m, runs[m]
+        pipe, words = tuned_pipe(m, out)
+        before = measure(minidiff.load(), words, seeds, eval_steps) if m == "ti" else base   # no "<cross>" yet
+        rows[m] = {**t, "before": before, "after": measure(pipe, words, seeds, eval_steps)}
+        log(f"{m}: {rows[m]}")
+    return {"base": base, "rows": {m: rows[m] for m in methods}, "seeds": seeds, "threads": threads,
+            "jobs": jobs, "data": spec, "eval_steps": eval_steps}
+
+
+GRID_PROMPTS = ["a red cross", "a blue cross", "a purple cross", "a green cross", "a red circle", "a yellow square",
+                "a blue triangle"]
+
+
+def method_grid(work: Path, methods, seeds=(0, 1, 2), cell: int = 64):
+    """One row per prompt of GRID_PROMPTS; for each seed, a column for the base model and one per trained method
+    (textual inversion's prompts say "<cross>"). -> a PIL image (minidiff.compare.make_grid)."""
+    import minidiff
+    from minidiff.compare import make_grid
+    from minidiff.shapes_eval import EVAL
+    kw = dict(steps=EVAL["steps"], scheduler=EVAL["scheduler"], guidance_scale=EVAL["guidance_scale"], progress=False)
+    models = [("base", minidiff.load(), {})] + [(m, *tuned_pipe(m, work / m)) for m in methods
+                                                  if (work / m / "model_index.json").exists()]
+    rows = []
+    for prompt in GRID_PROMPTS:
+        row = []
+        for s in seeds:
+            for _, pipe, words in models:
+                p = prompt.replace(f" {CONCEPT}", f" {words[CONCEPT]}") if CONCEPT in words else prompt
+                row.append(pipe.generate(p, seed=s, **kw)[0])
+        rows.append(row)
+    cols = [f"{name} s{s}" for s in seeds for name, _, _ in models]
+    return make_grid(rows, GRID_PROMPTS, cols, cell=cell)
+
+
+# ------------------------------------------------------------------------------------------------ the report
+def pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def size(n: int) -> str:
+    return f"{n:,} B" if n < 10240 else f"{n / 1024:,.0f} KiB"
+
+
+def table(result: dict) -> str:
+    lines = ["| method | trained parameters | new concept before → after | green cross (held-out colour) after | "
+             "original 15 pairs after (forgetting) | wall time | file | size |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = result["base"]
+    for m, r in result["rows"].items():
+        if "skipped" in r:
+            lines.append(f"| {LABELS[m]} | {r['skipped']} | | | | | | |")
+            continue
+        b, a = r["before"], r["after"]
+        forget = 100 * (base["original"] - a["original"])
+        lines.append(f"| {LABELS[m]} | {r['params']:,} | {pct(b['concept'])} → **{pct(a['concept'])}** | "
+                     f"{pct(a['held_out_colour'])} | {pct(a['original'])} ({forget:+.1f} points) | "
+                     f"{r['wall_s']:.0f} s | `{r['file']}` | {size(r['bytes'])} |")
+    return "\n".join(lines)
+
+
+def report(result: dict, argv: list[str]) -> str:
+    base = result["base"]
+    n = result["seeds"]
+    cmds = "\n".join(f"{m}: `{r['command']}`" + "  " for m, r in result["rows"].items() if "command" in r)
+    return "\n".join([
+        BEGIN,
+        f"Measured {time.strftime('%Y-%m-%d')} on {cpu_model()} ({os.cpu_count()} cores shared with other jobs, "
+        f"load average {load_average()}), torch threads {result['threads']}, {result['jobs']} finetune run(s) at a "
+        f"time; {versions()}.",
+        f"Command: `python benchmarks/new_concept.py {shlex.join(argv)}`".rstrip() + "",
+        "",
+        f"Base model: new concept {pct(base['concept'])}, green cross {pct(base['held_out_colour'])}, original 15 pairs "
+        f"{pct(base['original'])} ({n} seeds each; {5 * n} concept images, {15 * n} original images per model).",
+        "",
+        table(result),
+        "",
+        "The runs:  ",
+        cmds,
+        END])
+
+
+def write_into(path: Path, block: str) -> None:
+    """Replace the marked block in `path` (or append it); written to a temporary file and renamed."""
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="full,last-n,lora,ti",
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--out", default=None, help="also write the report into this markdown file (between the markers)")
+    p.add_argument("--json", default=None, help="also write the numbers as JSON")
+    p.add_argument("--grid", default=None, help="also write a PNG: the grid prompts × seeds × (base, each method)")
+    p.add_argument("--work", default=None, help="keep the data and the runs here (default: a temporary folder)")
+    p.add_argument("--seeds", type=int, default=8, help="seeds per prompt in the evaluation (default: 8)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads, here and in the finetune runs (default 1: the fastest for these tiny models "
+                        "on a shared CPU)")
+    p.add_argument("--steps", type=int, default=None, help="override every method's steps (a smoke run)")
+    p.add_argument("--jobs", type=int, default=1, help="finetune runs at a time (default 1; wall times then include "
+                                                       "waiting for each other)")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        p.error(f"--methods: unknown {bad or methods}; choose from {','.join(METHODS)}")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="minidiff-new-concept-"))
+    if args.work and any(work.iterdir() if work.exists() else ()):
+        p.error(f"--work {work} is not empty (the runs refuse to overwrite each other); pick a new folder")
+    try:
+        result = run_experiment(methods, work, args.threads, args.seeds, args.steps,
+                                log=lambda s: print(s, file=sys.stderr), jobs=args.jobs)
+        if args.grid:
+            method_grid(work, methods).save(args.grid)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    text = report(result, argv)
+    print(text)
+    if args.out:
+        write_into(Path(args.out), text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
