@@ -17,7 +17,6 @@ new style with new objects ("A water type fridge") show what it learned and how 
 """
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont

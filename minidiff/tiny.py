@@ -41,7 +41,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # Two threads on two cores that other processes also use: OpenMP's default spin-waiting makes each thread burn its

@@ -1,6 +1,5 @@
 """Loading every published SD v1 layout, saving, and refusing bad input — on tiny random-weight models whose files are
 written by diffusers/transformers themselves (or, for CompVis, checked against diffusers' single-file converter)."""
-import pickle
 import sys
 import types
 

@@ -2,7 +2,6 @@
 pipe.generate returns for the same arguments."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import minidiff

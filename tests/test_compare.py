@@ -2,7 +2,6 @@
 exactly pipe.generate(prompt, seed) of its model, the same seed side by side."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import minidiff

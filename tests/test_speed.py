@@ -1,7 +1,6 @@
 """minidiff.kernels and minidiff.speed: every kernel family computes what the reference kernels compute, within the
 tolerance TOL states per dtype; the modules a chapter teaches are the modules that run (no class swap, weights
 untouched); torch.compile sees no graph breaks; the memory savers keep the result."""
-import copy
 
 import pytest
 import torch
@@ -76,7 +75,7 @@ def test_linear_epilogues_match_reference(dtype):
         assert rel(kernels.linear(x, w, b, mul=other), y * other) < TOL[dtype]
         assert rel(kernels.linear(x, w, b, add=other), other + y) < TOL[dtype]
         assert rel(kernels.linear(x, w[6:], b[6:], gelu=True), F.gelu(y[..., 6:])) < TOL[dtype]   # a row slice of W
-        h, gate = torch.randn(2, 5, 24, generator=g).to(dtype), None
+        h = torch.randn(2, 5, 24, generator=g).to(dtype)
         assert rel(kernels.geglu(h, w, b), F.linear(h, w[:6], b[:6]) * F.gelu(F.linear(h, w[6:], b[6:]))) < TOL[dtype]
 
 

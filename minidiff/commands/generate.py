@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import SCHEDULERS
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-# minidiff.schedulers.SCHEDULER_NAMES, written out so `--help` needs no torch (tests/test_cli_generate.py compares them)
-SCHEDULERS = ("ddim", "ddpm", "dpmpp", "dpmpp_karras", "euler", "euler_a", "euler_karras", "lms", "lms_karras", "pndm")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

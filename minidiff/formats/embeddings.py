@@ -16,13 +16,14 @@ Pickles are read with torch's weights-only unpickler.
 """
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..files import atomic_write
 
 FORMATS = ("diffusers", "a1111")
 PICKLE_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
@@ -133,11 +134,6 @@ def save_embedding(path, token: str, vectors: torch.Tensor, format: str = "diffu
     else:  # the fields AUTOMATIC1111's Embedding.save writes
         obj = {"string_to_token": {"*": 265}, "string_to_param": {"*": matrix}, "name": token, "step": 0,
                "sd_checkpoint": None, "sd_checkpoint_name": None}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".safetensors":
-        save_file(obj, str(tmp), metadata={"format": "pt"})
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+        return atomic_write(path, lambda tmp: save_file(obj, str(tmp), metadata={"format": "pt"}))
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))

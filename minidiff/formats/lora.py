@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import keymaps
+from ..files import atomic_write
 from ..lora import LORA_LAYERS, _LoRA, lora_layers, wrap_layer
 
 DIFFUSERS, KOHYA = "diffusers", "kohya"
@@ -341,9 +341,4 @@ def save_lora(model, path, format: str = DIFFUSERS, extra_metadata: dict | None 
     else:  # kohya's own training notes, which A1111's and ComfyUI's UIs show
         header.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
                        "ss_network_alpha": str(alpha)})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=header))
