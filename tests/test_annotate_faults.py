@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from minidiff import annotate
+from minidiff.commands import annotate as annotate_command
 from minidiff.annotate import serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,7 +219,7 @@ def test_binds_to_loopback_unless_told(tmp_path):
     folder = tmp_path / "set"
     make_folder(folder, 1)
     parser = __import__("argparse").ArgumentParser()
-    annotate.add_arguments(parser)
+    annotate_command.add_arguments(parser)
     assert parser.parse_args([str(folder)]).host == "127.0.0.1"     # the CLI's default
     srv = serve(folder)                                              # the library's default
     try:
