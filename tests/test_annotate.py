@@ -214,6 +214,7 @@ def test_cli_errors_without_metadata(tmp_path, capsys):
 def test_cli_serves_until_ctrl_c(folder):
     # --no-browser: no window from a test; tests/test_cli.py runs the default (a browser opens, BROWSER=true)
     proc = subprocess.Popen([sys.executable, "-m", "minidiff", "annotate", str(folder), "--no-browser", "--port", "0"],
+                            preexec_fn=sigint_as_in_a_terminal,
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()                                  # "annotating DIR (1 / 4 reviewed) at URL ..."
@@ -235,3 +236,9 @@ def test_cli_serves_until_ctrl_c(folder):
     rows = {json.loads(l)["file_name"]: json.loads(l) for l in (folder / "metadata.jsonl").read_text().splitlines()
             if l.startswith("{")}
     assert rows["b.png"]["text"] == "saved via the CLI"
+
+
+def sigint_as_in_a_terminal():
+    """Popen's preexec_fn: Ctrl+C (SIGINT) delivered as in a terminal, even when this test run was started in the
+    background, where the shell makes every child ignore SIGINT (and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

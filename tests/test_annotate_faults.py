@@ -37,6 +37,7 @@ def make_folder(d: Path, n: int = N) -> list[str]:
 def start_server(folder: Path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "minidiff", "annotate", str(folder), "--no-browser"],
+                            preexec_fn=sigint_as_in_a_terminal,
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     m = re.search(r"at http://127\.0\.0\.1:(\d+)/", line)
@@ -269,3 +270,9 @@ def test_cli_listens_on_loopback_only(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=20)
+
+
+def sigint_as_in_a_terminal():
+    """Popen's preexec_fn: Ctrl+C (SIGINT) delivered as in a terminal, even when this test run was started in the
+    background, where the shell makes every child ignore SIGINT (and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

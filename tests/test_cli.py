@@ -163,6 +163,7 @@ def test_annotate_starts_serves_and_stops(fixtures, tmp_path):
     folder = tmp_path / "data"
     shutil.copytree(fixtures["data"], folder)
     proc = subprocess.Popen([sys.executable, "-m", "minidiff", "annotate", str(folder)], env=env(), cwd=ROOT,
+                            preexec_fn=sigint_as_in_a_terminal,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()                   # "annotating DIR (0 / 6 reviewed) at http://127.0.0.1:PORT/"
@@ -185,3 +186,9 @@ def test_train_tiny_with_a_tiny_budget(tmp_path):
         assert (out / f).is_file(), f
     assert minidiff.load(out).generate("a red circle", steps=2, seed=0, progress=False)[0].size == (32, 32)
     assert time.perf_counter() - t < 300
+
+
+def sigint_as_in_a_terminal():
+    """Popen's preexec_fn: Ctrl+C (SIGINT) delivered as in a terminal, even when this test run was started in the
+    background, where the shell makes every child ignore SIGINT (and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
