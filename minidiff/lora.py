@@ -102,36 +102,6 @@ class _LoRA(nn.Module):
             y = y + self.factor * self.lora_B(self.lora_A(x))
         return y if add is None else add + y
 
-    # Code that reads a layer's weight instead of calling it (a fused QKV matmul, a 1×1 conv run as a matmul) sees the
-    # effective weight W₀ + ΔW, so it computes what forward computes. At inference the tensor is cached and updated
-    # in place when W₀, A, B or the scale change: its version counter then moves, which is how such code notices.
-    @property
-    def weight(self) -> torch.Tensor:
-        w0 = self.base.weight
-        if self.merged:
-            return w0
-        if torch.is_grad_enabled() and any(p.requires_grad for p in (w0, self.lora_A.weight, self.lora_B.weight)):
-            return w0 + self.delta_weight().to(w0.dtype)   # differentiable, not cached
-        key = tuple((p.data_ptr(), p._version) for p in (w0, self.lora_A.weight, self.lora_B.weight)) + (self.factor,)
-        cache = self.__dict__.get("_weight_cache")
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                w = w0 + self.delta_weight().to(w0.dtype)
-                if cache is not None and cache[1].shape == w.shape and cache[1].dtype == w.dtype \
-                        and cache[1].device == w.device:
-                    cache[1].copy_(w)                          # same tensor, new version
-                    w = cache[1]
-            cache = self.__dict__["_weight_cache"] = (key, w)
-        return cache[1]
-
-    @property
-    def bias(self):
-        return self.base.bias
-
-    def _apply(self, fn, recurse=True):  # .to(), .half(): the cached weight would be stale
-        self.__dict__.pop("_weight_cache", None)
-        return super()._apply(fn, recurse)
-
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale}" + (", merged" if self.merged else "")
 
