@@ -8,7 +8,8 @@
 __version__ = "0.1.0"
 
 # The model stack is imported on first use, so `import minidiff.nn` (chapter 1) and `minidiff --help` stay light.
-_LAZY = {"load": "checkpoint", "save": "checkpoint", "CheckpointError": "checkpoint", "StableDiffusion": "pipeline"}
+_LAZY = {"load": "checkpoint", "save": "checkpoint", "CheckpointError": "formats.weights",
+         "StableDiffusion": "pipeline"}
 
 
 def __getattr__(name):

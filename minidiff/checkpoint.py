@@ -9,24 +9,23 @@
 Every tensor of the file is accounted for before any model is touched: each file key must map to a parameter (or be
 one of the known non-weights, see keymaps.COMPVIS_SKIP), each parameter must be found, each shape must match;
 otherwise `CheckpointError` names the file and the first offending key, and nothing is returned half-loaded.
-The key rules live in keymaps.py; the model classes know nothing about files.
+The files are read by minidiff/formats/weights.py (pickles with torch's weights-only unpickler), the key rules live in
+minidiff/formats/keymaps.py and the config.json translation in minidiff/formats/configs.py; the model classes know
+nothing about files.
 """
 from __future__ import annotations
 
 import json
-import pickle
 import re
-import warnings
-import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
-from . import keymaps
-from .files import atomic_dir, atomic_write
 from .clip import CLIPTextConfig, CLIPTextTransformer
+from .files import atomic_dir, atomic_write
+from .formats import keymaps
+from .formats.weights import CheckpointError, read_state_dict
 from .pipeline import SD_V1_SCHEDULER, StableDiffusion
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
@@ -35,67 +34,6 @@ from .vae import AutoencoderKL, VAEConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "weights" / "minidiff-shapes"
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-
-
-class CheckpointError(ValueError):
-    """A file or folder that is not a loadable SD v1 model; the message names the file and the first bad key."""
-
-
-# --------------------------------------------------------------------------------------------------- reading files
-class _LightningCallbackStub(dict):
-    """Stands in for pytorch_lightning's ModelCheckpoint, which the 2022 CompVis .ckpt files name in their
-    `callbacks` entry. It lets those files load with torch's weights-only unpickler, which runs no code."""
-
-    def __setstate__(self, state):
-        self.update(state if isinstance(state, dict) else {"state": state})
-
-
-def _safe_extras():
-    import numpy as np
-    extras = [(_LightningCallbackStub, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
-              np.dtype, np._core.multiarray.scalar,  # numpy 2's name, and numpy 1's (the 2022 files):
-              (np._core.multiarray.scalar, "numpy.core.multiarray.scalar")]
-    extras += [type(np.dtype(c)) for c in "?bhilqBHILQefdg"]  # numpy's per-dtype classes (numpy.dtypes.Float64DType ...)
-    return extras
-
-
-def read_state_dict(path, unsafe_pickle: bool = False) -> tuple[dict, dict]:
-    """One weights file -> (state_dict, metadata). Pickles are read with torch's weights-only unpickler."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-            return load_file(str(path)), metadata
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
-    if path.suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: unknown weights file type {path.suffix!r} "
-                              f"(expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)})")
-    try:
-        if unsafe_pickle:
-            warnings.warn(f"{path}: unpickling with weights_only=False runs any code the file contains")
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            with torch.serialization.safe_globals(_safe_extras()):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: the pickle needs more than plain tensors to load (it may run arbitrary code). "
-            f"Pass unsafe_pickle=True only if you trust where this file came from. Detail: {str(e).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
-    return obj, {}
 
 
 # --------------------------------------------------------------------------------------------------- key matching

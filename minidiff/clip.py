@@ -20,7 +20,6 @@ likewise mirrors CLIPVisionModel, and CLIPModel mirrors transformers' CLIPModel.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from einops import rearrange
 from torch import nn
 
 from . import kernels
+from .formats import configs
 from .nn import attention
 from .nn.layers import Conv2d, LayerNorm, Linear
 
@@ -45,22 +45,24 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # gelu (exact, erf): O
 # --- configs ----------------------------------------------------------------------------------------------------
 
 class _Config:
-    """from_transformers / to_transformers for the dataclasses below (a transformers config.json as a dict)."""
-    _model_type = _architecture = ""
-    _sub_config = ""  # the key of this tower's config inside a full CLIPConfig ("text_config" / "vision_config")
+    """What the two towers' configs share: the check that the activation is one this CLIP builds, and the
+    transformers config.json translation, which is minidiff/formats/configs.py."""
+    _tower = ""  # "text" | "image": which tower's transformers config this is (formats.configs.CLIP_TOWERS)
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; minidiff's CLIP has {sorted(ACTIVATIONS)}")
 
     @classmethod
     def from_transformers(cls, d: dict):
-        if d.get("model_type") == "clip" and cls._sub_config in d:  # a whole CLIPModel config: take our tower
-            d = d[cls._sub_config]
-        act = d.get("hidden_act", "quick_gelu")
-        if act not in ACTIVATIONS:
-            raise ValueError(f"unsupported hidden_act {act!r}; minidiff's CLIP has {sorted(ACTIVATIONS)}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """A transformers config.json dict of this tower, or of a whole CLIPModel (its part is taken) -> this
+        config; keys that are not fields are ignored. (formats.configs.clip_from_transformers)"""
+        return configs.clip_from_transformers(cls, d, cls._tower)
 
     def to_transformers(self) -> dict:
-        return {**dataclasses.asdict(self), "architectures": [self._architecture], "model_type": self._model_type}
+        """The config.json dict transformers' CLIPTextConfig / CLIPVisionConfig reads.
+        (formats.configs.clip_to_transformers)"""
+        return configs.clip_to_transformers(self, self._tower)
 
 
 @dataclass
@@ -78,7 +80,7 @@ class CLIPTextConfig(_Config):
     pad_token_id: int = 1
     bos_token_id: int = 49406
     eos_token_id: int = 49407  # SD v1.4's config.json says 2 (a pre-2023 value): see CLIPTextTransformer.eos_positions
-    _model_type, _architecture, _sub_config = "clip_text_model", "CLIPTextModel", "text_config"
+    _tower = "text"
 
 
 @dataclass
@@ -93,7 +95,7 @@ class CLIPImageConfig(_Config):
     num_attention_heads: int = 4
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
-    _model_type, _architecture, _sub_config = "clip_vision_model", "CLIPVisionModel", "vision_config"
+    _tower = "image"
 
 
 # --- the transformer layer both towers share --------------------------------------------------------------------

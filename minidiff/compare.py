@@ -159,10 +159,9 @@ def render(model, prompts, seeds, steps: int = 50, guidance: float = 7.5, schedu
     import torch
     from tqdm.auto import tqdm
 
-    import minidiff
+    from .checkpoint import load
 
-    pipe = model if hasattr(model, "generate") else minidiff.load(model, device=device,
-                                                                  dtype=dtype or torch.float32)
+    pipe = model if hasattr(model, "generate") else load(model, device=device, dtype=dtype or torch.float32)
     out = {}
     jobs = [(p, s) for p in prompts for s in seeds]
     for prompt, seed in tqdm(jobs, desc="images", disable=not progress):

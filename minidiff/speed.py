@@ -23,16 +23,9 @@ import re
 import types
 
 import torch
-from torch import nn
 
+from .networks import networks
 from .nn.attention import CrossAttention
-
-
-def _models(obj) -> list[nn.Module]:
-    if isinstance(obj, nn.Module):
-        return [obj]
-    return [m for m in (getattr(obj, "text_encoder", None), getattr(obj, "unet", None), getattr(obj, "vae", None))
-            if m is not None]
 
 
 # ------------------------------------------------------------------------------------------------ 2. torch.compile
@@ -64,7 +57,7 @@ def enable_attention_slicing(pipe_or_model, slice_size: int | None = 1024):
     """Compute every attention in chunks of `slice_size` queries: at most [B, h, slice_size, S] scores at a time
     instead of [B, h, L, S] (the fused SDPA kernels already avoid the full matrix; the naive path and older
     kernels do not). None turns it off. Returns its argument."""
-    for model in _models(pipe_or_model):
+    for model in networks(pipe_or_model).values():
         for m in model.modules():
             if isinstance(m, CrossAttention):
                 if slice_size:
@@ -149,7 +142,7 @@ def enable_model_offload(pipe, device="cuda"):
     through all the sampling steps). Returns pipe."""
     disable_model_offload(pipe, move_to=None)
     device = torch.device(device)
-    models = _models(pipe)
+    models = list(networks(pipe).values())
     for model in models:
         model.to("cpu")
 
@@ -185,7 +178,7 @@ def disable_model_offload(pipe, move_to="same"):
     pipe.execution_device = None
     target = device if move_to == "same" else move_to
     if target is not None:
-        for model in _models(pipe):
+        for model in networks(pipe).values():
             model.to(target)
     return pipe
 

@@ -30,6 +30,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .formats import configs
 from .nn import ResnetBlock, TimestepEmbedding, TransformerBlock
 from .nn.layers import Conv2d, GroupNorm
 
@@ -69,102 +70,17 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]   # 1280 in SD v1
 
-    # ------------------------------------------------------------------------------ diffusers' config.json
+    # diffusers' config.json <-> UNetConfig: the translation is minidiff/formats/configs.py
     @classmethod
     def from_diffusers(cls, d: dict) -> "UNetConfig":
-        """A diffusers `unet/config.json` dict (or a UNet2DConditionModel's `.config`) -> UNetConfig.
-
-        Only SD v1's architecture is built here; anything else (SD 2.x's linear projections and per-level heads,
-        SDXL's added embeddings, class embeddings, ...) raises ValueError naming every offending key."""
-        d = dict(d)
-        if d.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-            raise ValueError(f"_class_name={d['_class_name']!r}: only UNet2DConditionModel is supported")
-        bad, seen = [], set()
-
-        def check(key, ok, why):
-            seen.add(key)
-            if key in d and not ok(d[key]):
-                bad.append(f"{key}={d[key]!r} ({why})")
-
-        def same(v):  # an int, or a list of one value per level that is the same everywhere (else None)
-            return v if isinstance(v, int) else (v[0] if isinstance(v, (list, tuple)) and len(set(v)) == 1 else None)
-
-        off = lambda v: v in (None, False)  # noqa: E731  (a feature left switched off)
-        # SD 2.x
-        check("use_linear_projection", off, "SD 2.x linear proj_in/proj_out not supported")
-        check("attention_head_dim", lambda v: same(v) is not None, "SD 2.x per-level head counts not supported")
-        check("upcast_attention", off, "SD 2.x fp32-upcast attention not supported")
-        check("num_attention_heads", off, "SD v1 gives the number of heads as attention_head_dim")
-        # SDXL and other extra conditioning
-        check("transformer_layers_per_block", lambda v: same(v) is not None,
-              "SDXL-style per-level transformer depths not supported")
-        check("reverse_transformer_layers_per_block", off, "asymmetric U-Nets not supported")
-        for k in ("addition_embed_type", "addition_time_embed_dim", "class_embed_type", "num_class_embeds",
-                  "projection_class_embeddings_input_dim", "class_embeddings_concat", "encoder_hid_dim",
-                  "encoder_hid_dim_type"):
-            check(k, off, "extra conditioning (SDXL, unCLIP, ...) not supported")
-        check("addition_embed_type_num_heads", lambda v: True, "")  # only used with addition_embed_type
-        # attention variants
-        check("only_cross_attention", lambda v: not any(v) if isinstance(v, (list, tuple)) else not v,
-              "attn1 must be self-attention")
-        check("mid_block_only_cross_attention", off, "attn1 must be self-attention")
-        check("dual_cross_attention", off, "not supported")
-        check("cross_attention_norm", off, "not supported")
-        check("attention_type", lambda v: v == "default", "no GLIGEN")
-        check("cross_attention_dim", lambda v: same(v) is not None, "one text width for all levels")
-        # everything else SD v1 fixes
-        check("act_fn", lambda v: v == "silu", "only SiLU")
-        check("center_input_sample", off, "input centring not supported")
-        check("time_embedding_type", lambda v: v == "positional", "only the sinusoidal timestep embedding")
-        check("time_embedding_dim", lambda v: v in (None, 4 * list(d.get("block_out_channels", [320]))[0]),
-              "only 4 x block_out_channels[0]")
-        for k in ("time_embedding_act_fn", "timestep_post_act", "time_cond_proj_dim"):
-            check(k, off, "no extra timestep-embedding layers")
-        check("mid_block_type", lambda v: v == "UNetMidBlock2DCrossAttn", "only UNetMidBlock2DCrossAttn")
-        check("downsample_padding", lambda v: v == 1, "only SD's padding 1")
-        check("mid_block_scale_factor", lambda v: v == 1, "only 1")
-        check("resnet_time_scale_shift", lambda v: v == "default", "only an added timestep embedding")
-        check("resnet_skip_time_act", off, "not supported")
-        check("resnet_out_scale_factor", lambda v: v == 1, "only 1")
-        check("dropout", lambda v: v == 0, "no dropout layers here")
-        check("conv_in_kernel", lambda v: v == 3, "only 3x3")
-        check("conv_out_kernel", lambda v: v == 3, "only 3x3")
-        check("norm_num_groups", lambda v: isinstance(v, int), "GroupNorm required")
-        check("layers_per_block", lambda v: same(v) is not None, "the same count on every level")
-        check("sample_size", lambda v: v is None or isinstance(v, int), "a single int")
-        kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
-        down = list(d.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
-        check("down_block_types", lambda v: all(b in kinds for b in v), "only CrossAttnDownBlock2D / DownBlock2D")
-        cross = tuple(kinds.get(b, False) for b in down)
-        mirror = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cross)]
-        check("up_block_types", lambda v: list(v) == mirror, f"must mirror down_block_types: {mirror}")
-        seen |= {"in_channels", "out_channels", "block_out_channels", "norm_eps", "flip_sin_to_cos", "freq_shift"}
-        bad += [f"{k}={d[k]!r} (unknown key)" for k in d if k not in seen and not k.startswith("_") and d[k] is not None]
-        if bad:
-            raise ValueError("unsupported U-Net config (minidiff builds SD v1's architecture only): " + "; ".join(bad))
-
-        block_out = d.get("block_out_channels", cls.block_out_channels)
-        return cls(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
-                   block_out_channels=tuple(block_out), layers_per_block=same(d.get("layers_per_block", 2)),
-                   cross_attention=cross, heads=same(d.get("attention_head_dim", 8)),
-                   cross_attention_dim=same(d.get("cross_attention_dim", 1280)),  # diffusers' default is 1280
-                   norm_num_groups=d.get("norm_num_groups", 32), norm_eps=d.get("norm_eps", 1e-5),
-                   flip_sin_to_cos=d.get("flip_sin_to_cos", True), freq_shift=d.get("freq_shift", 0),
-                   sample_size=d.get("sample_size"), transformer_layers=same(d.get("transformer_layers_per_block", 1)))
+        """A diffusers `unet/config.json` dict (or a UNet2DConditionModel's `.config`) -> UNetConfig; ValueError
+        naming every key of an architecture other than SD v1's. (formats.configs.unet_from_diffusers)"""
+        return configs.unet_from_diffusers(cls, d)
 
     def to_diffusers(self) -> dict:
-        """The config.json dict of the same model; diffusers' UNet2DConditionModel(**d) builds it."""
-        return {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": self.heads,
-                "block_out_channels": list(self.block_out_channels), "center_input_sample": False,
-                "cross_attention_dim": self.cross_attention_dim,
-                "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.cross_attention],
-                "downsample_padding": 1, "flip_sin_to_cos": self.flip_sin_to_cos, "freq_shift": self.freq_shift,
-                "in_channels": self.in_channels, "layers_per_block": self.layers_per_block,
-                "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": self.norm_eps,
-                "norm_num_groups": self.norm_num_groups, "out_channels": self.out_channels,
-                "sample_size": self.sample_size, "transformer_layers_per_block": self.transformer_layers,
-                "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.cross_attention)],
-                "use_linear_projection": False, "upcast_attention": False}
+        """The config.json dict of the same model; diffusers' UNet2DConditionModel(**d) builds it.
+        (formats.configs.unet_to_diffusers)"""
+        return configs.unet_to_diffusers(self)
 
 
 # --------------------------------------------------------------------------------------------------- blocks

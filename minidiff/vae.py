@@ -32,13 +32,14 @@ Parameter names are diffusers' `AutoencoderKL` state_dict keys, so its weights l
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .formats import configs
 from .nn import CrossAttention, ResnetBlock
 from .nn.layers import Conv2d, GroupNorm
 
@@ -68,51 +69,17 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
-    # What a diffusers config may say but this architecture has one way of doing (key -> the only value allowed).
-    # Per-level block types are checked separately (a list of one name, as long as block_out_channels).
-    _FIXED = {"act_fn": "silu", "mid_block_add_attention": True,
-              "shift_factor": None, "latents_mean": None, "latents_std": None}  # SD3/Flux-style latent shifts: no
-    _IGNORED = {"force_upcast"}  # a dtype policy for pipelines, not part of the network
-    # diffusers' own defaults where they differ from SD's: a key missing from a config means what diffusers would build
-    _DIFFUSERS_DEFAULTS = {"block_out_channels": (64,), "layers_per_block": 1, "sample_size": 32}
-
+    # diffusers' config.json <-> VAEConfig: the translation is minidiff/formats/configs.py
     @classmethod
     def from_diffusers(cls, d: dict) -> "VAEConfig":
-        """A diffusers `vae/config.json` dict (or `AutoencoderKL.config`) -> VAEConfig.
-
-        Raises ValueError naming the key for anything this implementation does not build."""
-        fields = set(cls.__dataclass_fields__)
-        kwargs = dict(cls._DIFFUSERS_DEFAULTS)
-        for key, value in d.items():
-            if key.startswith("_") or key in cls._IGNORED:  # _class_name, _diffusers_version, _use_default_values
-                continue
-            if key in fields:
-                kwargs[key] = value
-            elif key in cls._FIXED:
-                if value != cls._FIXED[key]:
-                    raise ValueError(f"VAE config: unsupported {key}={value!r} (minidiff supports {cls._FIXED[key]!r})")
-            elif key not in ("down_block_types", "up_block_types"):
-                raise ValueError(f"VAE config: unknown key {key!r}")
-        cfg = cls(**kwargs)
-        levels = len(cfg.block_out_channels)
-        for key, name in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            types = list(d.get(key, [name] * levels))
-            if any(t != name for t in types):
-                raise ValueError(f"VAE config: unsupported {key}={types!r} (minidiff builds {name} only)")
-            if len(types) != levels:
-                raise ValueError(f"VAE config: {key} has {len(types)} entries but block_out_channels has {levels}")
-        return cfg
+        """A diffusers `vae/config.json` dict (or `AutoencoderKL.config`) -> VAEConfig; ValueError naming the key for
+        anything this implementation does not build. (formats.configs.vae_from_diffusers)"""
+        return configs.vae_from_diffusers(cls, d)
 
     def to_diffusers(self) -> dict:
-        """A dict diffusers' `AutoencoderKL(**d)` / `AutoencoderKL.from_config(d)` accepts (what config.json holds)."""
-        d = asdict(self)
-        levels = len(self.block_out_channels)
-        d["block_out_channels"] = list(self.block_out_channels)
-        if isinstance(self.sample_size, tuple):
-            d["sample_size"] = list(self.sample_size)
-        return {"_class_name": "AutoencoderKL", **d, **self._FIXED,
-                "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-                "force_upcast": True}
+        """A dict diffusers' `AutoencoderKL(**d)` / `AutoencoderKL.from_config(d)` accepts (what config.json holds).
+        (formats.configs.vae_to_diffusers)"""
+        return configs.vae_to_diffusers(self)
 
 
 # ------------------------------------------------------------------------------------------ the posterior q(z|x)

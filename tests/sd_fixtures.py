@@ -102,9 +102,9 @@ def to_2022_spelling(folder: Path) -> Path:
 def compvis_state_dict(dpipe, ema_unet: dict | None = None) -> dict:
     """The diffusers pipeline's weights in the CompVis single-file layout, with the non-weight buffers real files carry.
 
-    The names come from minidiff.keymaps; tests/test_checkpoint.py checks them against diffusers' own
+    The names come from minidiff.formats.keymaps; tests/test_checkpoint.py checks them against diffusers' own
     single-file converter, so this fixture is not taking the code under test on faith."""
-    from minidiff import keymaps
+    from minidiff.formats import keymaps
     from minidiff.unet import UNetConfig
     from minidiff.vae import VAEConfig
 

@@ -12,7 +12,7 @@ Loading one (StableDiffusion.load_embedding) adds its word to the tokenizer and 
 diffusers' load_textual_inversion does: a word of n vectors becomes the n tokens `tok, tok_1, ..., tok_{n-1}`, and the
 prompt (and negative prompt) are rewritten by plain string replacement, "a tok" -> "a tok tok_1 ... tok_{n-1}"
 (CLIPTokenizer.expand_multi_vector). `token=` overrides the stored name; a name already in the vocabulary is an error.
-Pickles are read with torch's weights-only unpickler.
+Files are read by minidiff/formats/weights.py: pickles with torch's weights-only unpickler, which runs no code.
 """
 from __future__ import annotations
 
@@ -20,13 +20,12 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..files import atomic_write
+from .weights import PICKLE_SUFFIXES, UNREADABLE, CheckpointError, read_state_dict, unpickle
 
 FORMATS = ("diffusers", "a1111")
-PICKLE_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
 
 
 class EmbeddingError(ValueError):
@@ -38,20 +37,20 @@ def _read(path: Path):
         raise EmbeddingError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise EmbeddingError(f"{path}: not a readable safetensors file: {e}") from None
+            return read_state_dict(path)[0]
+        except CheckpointError as e:
+            raise EmbeddingError(str(e)) from None
     if path.suffix not in PICKLE_SUFFIXES:
         raise EmbeddingError(f"{path}: unknown embedding file type {path.suffix!r} "
                              f"(expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:   # not read_state_dict: an A1111 .pt holds a name, a step and a dict of tensors, not a state_dict
+        return unpickle(path)
     except pickle.UnpicklingError as e:
         raise EmbeddingError(
             f"{path}: the pickle holds more than tensors, dicts, strings and numbers, so it is not loaded (unpickling "
             f"it could run code; the original textual-inversion code saved an nn.ParameterDict). Re-save it as "
             f"{{'<token>': tensor}} in a trusted Python session. Detail: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError) as e:
+    except UNREADABLE as e:
         raise EmbeddingError(f"{path}: not a readable embedding file (truncated or corrupt?): {e}") from None
 
 

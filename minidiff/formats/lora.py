@@ -1,7 +1,7 @@
 """LoRA files: the two layouts SD v1 users share, read into minidiff models and written from them.
 
 Every LoRA file holds, per layer it changes, the pair (A, B) and a strength α, with ΔW = scale · (α/r) · B A
-(minidiff/lora.py). The layouts differ only in names and in where α lives:
+(minidiff/nn/lora.py). The layouts differ only in names and in where α lives:
 
   diffusers / PEFT   pytorch_lora_weights.safetensors (diffusers' training scripts, PEFT)
       unet.<module>.lora_A.weight  [r, in] (a conv: [r, in, k, k])    unet.<module>.lora_B.weight  [out, r] ([out, r, 1, 1])
@@ -17,9 +17,9 @@ Every LoRA file holds, per layer it changes, the pair (A, B) and a strength α, 
       lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q…   the U-Net in CompVis names (older tools)
       LoCon: the same keys on convolutions (lora_down [r, in, k, k], lora_up [out, r, 1, 1])
 
-The format is told from the keys. Names are matched the way minidiff/keymaps.py does it: from each layer of *our*
-model to the name(s) it has in a layout, so every key of the file is accounted for; a key that names no layer of the
-model is an error that names it.
+The format is told from the keys. Names are matched the way minidiff/formats/keymaps.py does it: from each layer of
+*our* model to the name(s) it has in a layout, so every key of the file is accounted for; a key that names no layer of
+the model is an error that names it.
 """
 from __future__ import annotations
 
@@ -34,15 +34,18 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import keymaps
 from ..files import atomic_write
-from ..lora import LORA_LAYERS, _LoRA, lora_layers, wrap_layer
+from ..networks import networks
+from ..nn.lora import LORA_LAYERS, LoRALayer, lora_layers, wrap_layer
+from . import keymaps
+from .weights import read_state_dict
 
 DIFFUSERS, KOHYA = "diffusers", "kohya"
 FORMATS = (DIFFUSERS, KOHYA)
 METADATA_KEY = "lora_adapter_metadata"   # diffusers' safetensors-header key (diffusers.loaders.lora_base)
 MINIDIFF_KEY = "minidiff_lora"           # minidiff's own note: rank, alpha and what the caller adds (base_model ...)
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+LORA_NETWORKS = ("unet", "text_encoder")  # the networks of a pipe a LoRA file changes (never the VAE)
 
 
 class LoRAFileError(KeyError, ValueError):
@@ -74,11 +77,12 @@ class LoRAEntry:
 
 # ---------------------------------------------------------------------------------------------- the model's layers
 def _parts(model) -> dict[str, nn.Module]:
-    """{"unet": ..., "text_encoder": ...} of a StableDiffusion; a lone network is its own part."""
-    from ..clip import CLIPTextTransformer
-    if isinstance(model, nn.Module):
-        return {"text_encoder" if isinstance(model, CLIPTextTransformer) else "unet": model}
-    return {name: getattr(model, name) for name in ("unet", "text_encoder") if getattr(model, name, None) is not None}
+    """{"unet": ..., "text_encoder": ...} of a StableDiffusion; a lone network is its own part (a CLIP text encoder
+    is "text_encoder", any other network "unet")."""
+    parts = networks(model, LORA_NETWORKS)
+    if not set(parts) <= set(LORA_NETWORKS):
+        raise ValueError(f"a LoRA changes a U-Net or a text encoder, not a {type(model).__name__}")
+    return parts
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -88,7 +92,7 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     for name, m in model.named_modules():
         if inside and name.startswith(inside):
             continue
-        if isinstance(m, _LoRA):
+        if isinstance(m, LoRALayer):
             out[name], inside = m, name + "."
         elif isinstance(m, tuple(LORA_LAYERS)):
             out[name] = m
@@ -116,13 +120,14 @@ def _their_names(fmt: str, part: str, path: str, model: nn.Module) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- reading
 def read_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A LoRA file -> (tensors, safetensors header). .safetensors, or a pickle (.pt/.bin/.ckpt) read weights-only."""
-    from ..checkpoint import read_state_dict
+    """A LoRA file -> (tensors, safetensors header). .safetensors, or a pickle (.pt/.bin/.ckpt) read weights-only
+    (minidiff/formats/weights.py, the reader every weights file goes through)."""
     return read_state_dict(path)
 
 
 def read_lora(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """({key: tensor}, minidiff's metadata {"rank", "alpha", ...} or {} for a file written elsewhere)."""
+    """A LoRA file -> ({key: tensor}, minidiff's metadata {"rank", "alpha", ...} or {} for a file written
+    elsewhere)."""
     tensors, header = read_file(path)
     return tensors, json.loads(header.get(MINIDIFF_KEY, "{}"))
 
@@ -245,15 +250,16 @@ def parse_lora(model, tensors: dict, header: dict | None = None, file="LoRA file
 
 
 def _base(layer: nn.Module) -> nn.Module:
-    return layer.base if isinstance(layer, _LoRA) else layer
+    return layer.base if isinstance(layer, LoRALayer) else layer
 
 
 # ---------------------------------------------------------------------------------------------- into a model
 @torch.no_grad()
 def apply_lora(pipe, path, scale: float = 1.0):
-    """W ← W + scale · (α/r) · B A for every layer the file names (U-Net and text encoder alike, as diffusers'
-    fuse_lora(lora_scale=scale)), in place. A layer that is LoRA-wrapped gets the change in its base weight.
-    Returns pipe."""
+    """Add a LoRA file (diffusers/PEFT or kohya/A1111, detected from its keys) to a loaded model, merged into its
+    weights: W ← W + scale · (α/r) · B A for every layer it names (in place), U-Net and text encoder alike (as
+    diffusers' fuse_lora(lora_scale=scale)). pipe: a StableDiffusion, or one network alone. A layer that is
+    LoRA-wrapped gets the change in its base weight. Returns pipe."""
     tensors, header = read_file(path)
     parts = _parts(pipe)
     for e in parse_lora(pipe, tensors, header, path):
@@ -263,14 +269,15 @@ def apply_lora(pipe, path, scale: float = 1.0):
 
 
 @torch.no_grad()
-def load_lora(pipe, path, scale: float = 1.0) -> dict[str, _LoRA]:
-    """Wrap every layer the file names in a LoRA layer holding the file's A, B, α (not merged) at strength `scale`.
-    Returns {"<part>.<path>": layer}."""
+def load_lora(pipe, path, scale: float = 1.0) -> dict[str, LoRALayer]:
+    """Like apply_lora, but as LoRA layers (not merged): every layer the file names is wrapped in a LoRA layer
+    holding the file's A, B, α at strength `scale`, which can change later (set_lora_scale); merge_lora /
+    unmerge_lora fold it in and out. Returns {"unet.<path>" | "text_encoder.<path>": layer}."""
     tensors, header = read_file(path)
     parts = _parts(pipe)
     entries = parse_lora(pipe, tensors, header, path)
     for e in entries:
-        if isinstance(parts[e.part].get_submodule(e.path), _LoRA):
+        if isinstance(parts[e.part].get_submodule(e.path), LoRALayer):
             raise LoRAFileError(f"{path}: {e.part}.{e.path} already carries a LoRA layer; merge_lora() it first "
                                 f"or use apply_lora to add this one into the weights")
     out = {}
@@ -284,7 +291,7 @@ def load_lora(pipe, path, scale: float = 1.0) -> dict[str, _LoRA]:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _peft_config_for(layers: dict[str, _LoRA], part: str) -> dict:
+def _peft_config_for(layers: dict[str, LoRALayer], part: str) -> dict:
     """A complete PEFT LoraConfig (as LoraConfig.to_dict() would give the fields diffusers reads) for these layers:
     the most common rank and α as r / lora_alpha, the others in rank_pattern / alpha_pattern, every path a target."""
     # the text encoder's paths without "text_model.": they match both the flattened transformers-5 module names

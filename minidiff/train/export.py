@@ -39,7 +39,7 @@ def export_embeddings(out, token: str, vectors, step: int) -> list[Path]:
 def export_model(pipe, out, cfg, step: int | None = None) -> Path:
     """Write the model into OUT as a diffusers folder without touching OUT's logs and checkpoints: saved whole into
     a temporary OUT/.export-*, then each part renamed into place, model_index.json last."""
-    import minidiff
+    from ..checkpoint import save
     from ..lora import lora_layers, merge_lora, save_lora
 
     out = Path(out)
@@ -52,7 +52,7 @@ def export_model(pipe, out, cfg, step: int | None = None) -> Path:
         merge_lora(pipe)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
-        minidiff.save(pipe, staging / "model", format="diffusers")
+        save(pipe, staging / "model", format="diffusers")
         parts = sorted(p for p in (staging / "model").iterdir() if p.name != "model_index.json")
         for part in [*parts, staging / "model" / "model_index.json"]:
             target = out / part.name
@@ -61,7 +61,7 @@ def export_model(pipe, out, cfg, step: int | None = None) -> Path:
                 os.replace(target, old)
             os.replace(part, target)
         if cfg.export_compvis:
-            minidiff.save(pipe, out / "model.safetensors", format="compvis")
+            save(pipe, out / "model.safetensors", format="compvis")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -253,7 +253,7 @@ def _train(cfg: FinetuneConfig, ctx: Dist) -> dict:
 
 def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
     """The model with what trains, the data stream, optimizer + schedule + EMA, and the state of a resumed run."""
-    import minidiff
+    from ..checkpoint import load
     from ..data.imagefolder import ImageFolderDataset
     from ..ema import EMA
     from ..schedulers import DDPMScheduler
@@ -269,7 +269,7 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
     seed_everything(cfg.seed)                                    # LoRA's A init; everything else has its own seed
 
     # ---- the model: everything frozen but what trains; trained tensors in fp32 (autocast does the low precision)
-    pipe = minidiff.load(cfg.model, device=device, dtype=torch.float32)
+    pipe = load(cfg.model, device=device, dtype=torch.float32)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler_config)
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
     alphas_cumprod = noise_sched.alphas_cumprod.to(device)
