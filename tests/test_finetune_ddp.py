@@ -8,7 +8,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from minidiff.finetune import train
+from minidiff.train import train
 from test_finetune import EQUIV, cfg_for, read_log, tiny, unet_weights  # noqa: F401  (tiny is a fixture)
 
 

@@ -60,7 +60,7 @@ LAYERS = [
     ("pipeline: sampling, and speed around it",
      ["minidiff.pipeline", "minidiff.speed"]),
     ("tools: load/save, LoRA, training and its recipes, evaluation, looking inside",
-     ["minidiff.checkpoint", "minidiff.lora", "minidiff.train.*", "minidiff.tiny", "minidiff.finetune",
+     ["minidiff.checkpoint", "minidiff.lora", "minidiff.train.*", "minidiff.recipes.*",
       "minidiff.compare", "minidiff.shapes_eval", "minidiff.annotate", "minidiff.explain"]),
     ("commands: the command lines, the web server, the package's front door",
      ["minidiff", "minidiff.commands.*", "minidiff.cli", "minidiff.__main__", "minidiff.serve.*"]),

@@ -9,7 +9,7 @@ from torch import nn
 
 import minidiff
 from minidiff import kernels
-from minidiff.finetune import train
+from minidiff.train import train
 from minidiff.lora import (TARGETS, TEXT_ENCODER_TARGETS, UNET_CONV_TARGETS, UNET_TARGETS, LoRAConv2d, LoRALinear,
                            apply_lora, inject_lora, lora_layers, lora_parameters, merge_lora, read_lora, save_lora)
 from test_finetune import build_tiny_pipe, cfg_for, tiny  # noqa: F401  (tiny is a fixture)

@@ -1,9 +1,11 @@
-"""The new-concept experiment's runner (benchmarks/new_concept.py): a two-step smoke run of one method through the
-real `minidiff finetune` command, and the report it writes. The measured table itself is in docs/finetuning.md."""
+"""The new-concept experiment's runner (benchmarks/new_concept.py): a two-step smoke run of LoRA and textual inversion
+through the real `minidiff finetune` command, and the report it writes. The measured table itself is in docs/finetuning.md."""
 import sys
 from pathlib import Path
 
 import pytest
+
+import minidiff
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -12,13 +14,12 @@ import new_concept  # noqa: E402
 
 def expected_lora_elements(rank: int) -> int:
     """r·(d_in + d_out) for every attention projection of the embedded U-Net, counted on the model, not the file."""
-    import minidiff
     unet = minidiff.load().unet
     return sum(rank * (m.in_features + m.out_features) for name, m in unet.named_modules()
                if name.endswith(("to_q", "to_k", "to_v", "to_out.0")))
 
 
-def test_smoke_run_of_one_method_and_its_report(tmp_path):
+def test_smoke_run_of_two_methods_and_their_report(tmp_path):
     result = new_concept.run_experiment(["lora", "ti"], tmp_path, threads=1, seeds=1, steps=2, n=16, eval_steps=4,
                                         log=lambda s: None)
     base, row = result["base"], result["rows"]["lora"]
@@ -30,14 +31,17 @@ def test_smoke_run_of_one_method_and_its_report(tmp_path):
     assert (tmp_path / "lora" / "train_log.jsonl").read_text().count("\n") == 2          # the two steps ran
     for key in ("concept", "held_out_colour", "original"):
         assert 0.0 <= row["after"][key] <= 1.0
-    ti = result["rows"]["ti"]
-    if "skipped" in ti:                                            # until --train textual-inversion exists
-        assert ti["skipped"] == "not run: needs `minidiff finetune --train textual-inversion`"
-    else:
-        assert ti["params"] in (64, 128, 256) and ti["file"] == "learned_embeds.safetensors"
+    ti = result["rows"]["ti"]                                      # textual inversion: one new word of one vector
+    assert ti["params"] == minidiff.load().text_encoder.config.hidden_size
+    assert ti["file"] == "learned_embeds.safetensors" and "--train textual-inversion" in ti["command"]
+    assert (tmp_path / "ti" / "train_log.jsonl").read_text().count("\n") == 2
+    assert ti["before"]["concept"] == 0.0                          # "<cross>" means nothing before it is learned
+    for key in ("concept", "held_out_colour", "original"):
+        assert 0.0 <= ti["after"][key] <= 1.0
 
     text = new_concept.report(result, ["--methods", "lora,ti"])
     assert "| LoRA r=16 (attention) | " + f"{row['params']:,} | 0% → " in text
+    assert "| textual inversion `<cross>` | " + f"{ti['params']:,} | 0% → " in text
     assert "`python benchmarks/new_concept.py --methods lora,ti`" in text
     doc = tmp_path / "doc.md"
     doc.write_text(f"# title\n\nbefore\n{new_concept.BEGIN}\nold table\n{new_concept.END}\nafter\n")

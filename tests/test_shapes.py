@@ -212,3 +212,27 @@ def test_detector_recognises_the_cross_and_keeps_the_old_shapes(antialias):
     assert not judge(render_shape("red", "cross", 20, 4, 4), "red", "triangle")["correct"]   # fill 5/9 < 0.64
     noisy = np.clip(render_shape("blue", "cross", 16, 8, 8) + rng.normal(0, 8, (32, 32, 3)), 0, 255).astype(np.uint8)
     assert judge(noisy, "blue", "cross")["correct"]
+
+
+# ------------------------------------------------------------------------------------------------ the samples grid
+def test_samples_grid_puts_each_prompt_on_a_row_and_each_seed_in_a_column():
+    """evaluate's images are pair-major (every seed of a prompt, then the next prompt); the grid shows them enlarged
+    (nearest) with the prompts as row labels and the seeds as column labels (compare.make_grid)."""
+    import torch
+
+    from minidiff.compare import grid_cell
+    from minidiff.shapes_eval import samples_grid
+    pairs, seeds = [("red", "circle"), ("blue", "square"), ("purple", "triangle")], [0, 5]
+    specs = [{"colour": c, "shape": s, "size": 12 + 4 * k, "x": 2 * k, "y": 3}
+             for c, s in pairs for k in range(len(seeds))]
+    images = torch.from_numpy(np.stack([render_shape(**spec) for spec in specs])).permute(0, 3, 1, 2) / 255.0
+    r = {"images": images, "per_pair": {caption(c, s): 0.5 for c, s in pairs},
+         "settings": {"seeds": seeds, "n_images": len(specs)}}
+    grid = samples_grid(r)
+    g = grid.info["minidiff_grid"]
+    assert (g["rows"], g["cols"], g["cell_w"], g["cell_h"]) == (3, 2, 64, 64)
+    for i, spec in enumerate(specs):
+        cell = grid_cell(grid, i // 2, i % 2)
+        assert judge(cell, spec["colour"], spec["shape"])["correct"], spec     # the asked shape, where it belongs
+        assert np.array_equal(np.asarray(cell)[::2, ::2], render_shape(**spec))  # exactly the image, twice as big
+    assert (np.asarray(grid)[g["y0"]:, :g["x0"] - g["pad"]] < 128).any()       # the prompts written left of the rows

@@ -1,6 +1,6 @@
-"""The tiny text-to-image recipe (minidiff.tiny) and the committed model it produced (weights/minidiff-shapes).
+"""The tiny text-to-image recipe (minidiff.recipes.tiny) and the committed model it produced (weights/minidiff-shapes).
 
-* the pieces of the recipe: the multi-positive InfoNCE, the LR schedule, exact resumption of an interrupted stage;
+* one stage of the recipe (train_stage): exact resumption after an interruption;
 * `minidiff train-tiny --quick` end to end into a temporary folder, stopped after a stage and resumed, then loaded
   with minidiff.load and sampled;
 * the committed model: loads with no path, draws 32×32 images, and reaches the quality targets on the pixel
@@ -13,47 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from minidiff.clip import clip_loss
-from minidiff.tiny import Recipe, _generator, _lr_factor, _train, multi_positive_infonce
+from minidiff.recipes.tiny import Recipe, train_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "weights" / "minidiff-shapes"
 
 
-# ------------------------------------------------------------------------------------------------ recipe pieces
-def test_multi_positive_infonce_is_clip_loss_for_distinct_captions():
-    logits = torch.randn(6, 6) * 3
-    assert torch.allclose(multi_positive_infonce(logits, torch.arange(6)), clip_loss(logits), rtol=1e-6)
-
-
-def test_multi_positive_infonce_spreads_the_target_over_repeated_captions():
-    torch.manual_seed(1)
-    logits = torch.randn(5, 5) * 2
-    labels = torch.tensor([0, 1, 0, 2, 1])
-    # by hand: row i's target is uniform over the j with the same caption, in both directions
-    lt, li = F.log_softmax(logits, dim=1), F.log_softmax(logits.t(), dim=1)
-    want = 0.0
-    for i in range(5):
-        pos = [j for j in range(5) if labels[j] == labels[i]]
-        want += -sum(lt[i, j] for j in pos) / len(pos) - sum(li[i, j] for j in pos) / len(pos)
-    want = want / (2 * 5)
-    assert torch.allclose(multi_positive_infonce(logits, labels), want, rtol=1e-5)
-
-
-def test_lr_schedule_warms_up_then_decays_to_a_tenth():
-    """The tiny recipe's schedule is minidiff.train.optim's one lr_factor: warm-up from 0, cosine to a tenth."""
-    from minidiff.train.optim import lr_factor
-    assert _lr_factor(0, 100, 10) == 0.0
-    assert _lr_factor(5, 100, 10) == pytest.approx(0.5)
-    assert _lr_factor(10, 100, 10) == pytest.approx(1.0)
-    assert _lr_factor(100, 100, 10) == pytest.approx(0.1)
-    xs = [_lr_factor(s, 100, 10) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(xs, xs[1:]))
-    assert all(_lr_factor(s, 100, 10) == lr_factor(s, "cosine", 10, 100, final=0.1) for s in range(101))
-
-
+# ------------------------------------------------------------------------------------------------ one stage
 def test_interrupted_stage_resumes_to_the_same_weights(tmp_path):
     """A stage killed mid-way and resumed from its checkpoint ends with the same weights as one uninterrupted run:
     the checkpoint holds model + optimizer + step, and step n's batch comes from a generator seeded by (stage, n)."""
@@ -73,21 +40,19 @@ def test_interrupted_stage_resumes_to_the_same_weights(tmp_path):
         return step_fn
 
     a = make()
-    _train("toy", a, list(a.parameters()), 12, 1e-2, step_fn_for(a), tmp_path / "a", False, 0, 3, progress=False)
+    train_stage("toy", a, list(a.parameters()), 12, 1e-2, step_fn_for(a), tmp_path / "a", False, 0, 3, progress=False)
     b = make()
     with pytest.raises(KeyboardInterrupt):
-        _train("toy", b, list(b.parameters()), 12, 1e-2, step_fn_for(b, stop_at=7), tmp_path / "b", False, 0, 3,
-               save_every=0.0, progress=False)
+        train_stage("toy", b, list(b.parameters()), 12, 1e-2, step_fn_for(b, stop_at=7), tmp_path / "b", False, 0, 3,
+                    save_every=0.0, progress=False)
     saved = torch.load(tmp_path / "b" / "toy.pt", weights_only=True)
     assert saved["step"] == 7 and not saved["done"]
     c = make()                                                   # a fresh process would start from scratch weights
-    rec = _train("toy", c, list(c.parameters()), 12, 1e-2, step_fn_for(c), tmp_path / "b", True, 0, 3,
-                 progress=False)
+    rec = train_stage("toy", c, list(c.parameters()), 12, 1e-2, step_fn_for(c), tmp_path / "b", True, 0, 3,
+                      progress=False)
     assert rec["step"] == 12
     for p, q in zip(a.parameters(), c.parameters()):
         assert torch.allclose(p, q, atol=1e-7)
-    seeds = {_generator(s, st, n).initial_seed() for s in (0, 1) for st in ("vae", "clip") for n in (0, 1)}
-    assert len(seeds) == 8                                       # every (seed, stage, step) draws its own numbers
 
 
 # ------------------------------------------------------------------------------------------------ train-tiny --quick
@@ -119,7 +84,8 @@ def test_train_tiny_quick_stops_resumes_and_loads(tmp_path):
         assert (out / f).is_file(), f
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"vae", "clip", "latents", "unet", "save", "eval"} <= set(metrics["stages"])
-    assert "minidiff train-tiny --out" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "minidiff train-tiny --out" in card and "\nminidiff shapes-eval\n" in card     # the reproduce commands
 
     pipe = minidiff.load(out)
     # the shipped VAE is the one the first run trained, with the scaling factor measured on its latents

@@ -28,14 +28,14 @@ def counted(monkeypatch):
 
 def test_finetune_tiny_recipe_and_benchmark_run_the_same_train_step(counted, tiny, tmp_path):
     from minidiff.train import train
-    from minidiff.tiny import Recipe, train_vae
+    from minidiff.recipes.tiny import Recipe, train_vae
     train(cfg_for(tiny, tmp_path / "ft", steps=2))
     assert counted == ["minidiff.train.finetune"] * 2
 
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     recipe = Recipe(n_train=8, vae_steps=3, vae_batch=2, warmup=1)
     train_vae(recipe, images, tmp_path / "work", resume=False, progress=False)
-    assert counted[2:] == ["minidiff.tiny"] * 3
+    assert counted[2:] == ["minidiff.recipes.tiny"] * 3
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

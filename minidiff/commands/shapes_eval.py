@@ -1,41 +1,47 @@
-"""`python -m minidiff.shapes_eval`: generate 8 seeds × 18 prompts with a shapes model and judge them with the pixel
-detector (minidiff.shapes_eval)."""
+"""`minidiff shapes-eval`: generate 8 seeds × 18 prompts with a shapes model and judge them with the pixel detector
+(minidiff.shapes_eval) — the evaluation behind the tiny model's card."""
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import sys
 
-from ..shapes_eval import EVAL, evaluate, format_report, save_grid
+from ..files import atomic_write
+from ..shapes_eval import EVAL, evaluate, format_report, samples_grid
+from . import SCHEDULERS
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minidiff.shapes_eval",
-                                description="Generate 8 seeds × 18 prompts and judge them with the pixel detector.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a diffusers folder (default: the committed weights/minidiff-shapes)")
-    p.add_argument("--steps", type=int, default=EVAL["steps"])
-    p.add_argument("--scheduler", default=EVAL["scheduler"])
-    p.add_argument("--guidance", type=float, default=EVAL["guidance_scale"])
+    p.add_argument("--steps", type=int, default=EVAL["steps"], help="sampler steps")
+    p.add_argument("--scheduler", default=EVAL["scheduler"], type=str.lower, choices=SCHEDULERS, metavar="NAME",
+                   help="sampler: " + ", ".join(SCHEDULERS))
+    p.add_argument("--guidance", type=float, default=EVAL["guidance_scale"], help="classifier-free guidance scale")
     p.add_argument("--seeds", type=int, default=len(EVAL["seeds"]), help="seeds 0..N-1 per prompt")
     p.add_argument("--grid", default=None, help="write the images as a PNG grid (one row per prompt)")
     p.add_argument("--json", default=None, help="write the numbers as JSON")
-    args = p.parse_args(argv)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
 
+
+def run(args) -> int:
     import torch
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     import minidiff
-    pipe = minidiff.load(args.model)
-    r = evaluate(pipe, seeds=tuple(range(args.seeds)), steps=args.steps, scheduler=args.scheduler,
-                 guidance_scale=args.guidance)
+    if args.seeds < 1:
+        raise SystemExit(f"minidiff shapes-eval: --seeds must be at least 1, got {args.seeds}")
+    try:  # a bad model path or sampler setting: one clear line, no traceback
+        pipe = minidiff.load(args.model)
+        r = evaluate(pipe, seeds=tuple(range(args.seeds)), steps=args.steps, scheduler=args.scheduler,
+                     guidance_scale=args.guidance)
+    except ValueError as e:
+        print(f"minidiff shapes-eval: error: {e}", file=sys.stderr)
+        return 2
     print(format_report(r))
     if args.grid:
-        save_grid(r["images"], args.grid, ncol=args.seeds)
+        grid = samples_grid(r)
+        atomic_write(args.grid, lambda tmp: grid.save(tmp, format="PNG"))
         print(f"grid: {args.grid}")
     if args.json:
         keep = {k: v for k, v in r.items() if k not in ("images", "judgements")}
-        Path(args.json).write_text(json.dumps(keep, indent=2))
+        atomic_write(args.json, json.dumps(keep, indent=2) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

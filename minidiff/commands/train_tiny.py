@@ -1,4 +1,4 @@
-"""`minidiff train-tiny --out DIR [--quick] [--resume]`: the tiny shapes model's recipe (minidiff.tiny) from scratch.
+"""`minidiff train-tiny --out DIR [--quick] [--resume]`: the tiny shapes model from scratch (minidiff.recipes.tiny).
 
     python -m minidiff.commands.train_tiny ...      the same without the `minidiff` entry point
 """
@@ -8,13 +8,14 @@ import os
 
 # Two threads on two cores that other processes also use: OpenMP's default spin-waiting makes each thread burn its
 # core waiting for the other, descheduled one at every barrier (a training step 40x slower). A passive wait
-# must be set before torch loads its OpenMP runtime, so it is set here, before minidiff.tiny imports torch.
+# must be set before torch loads its OpenMP runtime, so it is set here, where the process starts (this module is
+# imported only to run the command), before minidiff.recipes.tiny imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from ..tiny import STAGES, Recipe, train  # noqa: E402
+from ..recipes.tiny import STAGES, Recipe, train  # noqa: E402
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

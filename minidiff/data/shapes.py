@@ -1,6 +1,6 @@
 """The shapes dataset: one coloured shape on a white 32×32 canvas, captioned "a {colour} {shape}".
 
-The tiny text-to-image model (minidiff.tiny) is trained from scratch on it in minutes on a CPU. It is small
+The tiny text-to-image model (minidiff.recipes.tiny) is trained from scratch on it in minutes on a CPU. It is small
 enough to learn quickly and structured enough to ask real questions of a text-to-image model: does the picture
 follow the caption's colour AND shape, and can the model draw a pair it never saw together?
 

@@ -10,7 +10,7 @@
   export.py      the diffusers folder, LoRA files, textual-inversion embeddings
   finetune.py    `minidiff finetune`: FinetuneConfig and train(cfg), which puts the above together
 
-`minidiff finetune`, the tiny model's recipe (minidiff.tiny, `minidiff train-tiny`) and benchmarks/bench_train.py all
+`minidiff finetune`, the tiny model's recipe (minidiff.recipes.tiny, `minidiff train-tiny`) and benchmarks/bench_train.py all
 run loop.train_step.
 """
 from .finetune import PRESETS, FinetuneConfig, TrainingDiverged, train

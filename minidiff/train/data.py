@@ -35,11 +35,15 @@ class SampleStream(torch.utils.data.Dataset):
     flip by (seed, e, index), so cached latents see the same flips). Item p:
         pixel_values [3, R, R] (or moments [2C, h, w] with cached latents), text, t (long []), noise [C, h, w],
         offset [C, 1, 1], posterior_eps [C, h, w]
+
+    dataset: items {"pixel_values", "text"} (an ImageFolderDataset); T = num_train_timesteps; latent_shape (C, h, w);
+    caption_dropout: P(text -> ""); random_flip: left-right flips; cache: cache_latents' dict, or None.
     """
 
-    def __init__(self, dataset, cfg, num_train_timesteps: int, latent_shape: tuple, cache=None):
-        self.ds, self.cfg, self.T = dataset, cfg, num_train_timesteps
-        self.latent_shape, self.cache = latent_shape, cache
+    def __init__(self, dataset, num_train_timesteps: int, latent_shape: tuple, seed: int, caption_dropout: float = 0.0,
+                 random_flip: bool = False, cache=None):
+        self.ds, self.T, self.latent_shape, self.cache = dataset, num_train_timesteps, latent_shape, cache
+        self.seed, self.caption_dropout, self.random_flip = seed, caption_dropout, random_flip
         self.n = len(dataset)
         self._perms: dict[int, torch.Tensor] = {}
 
@@ -47,44 +51,44 @@ class SampleStream(torch.utils.data.Dataset):
         """Position -> (epoch, dataset index)."""
         e = p // self.n
         if e not in self._perms:
-            self._perms = {e: torch.randperm(self.n, generator=generator(self.cfg.seed, "epoch", e))}
+            self._perms = {e: torch.randperm(self.n, generator=generator(self.seed, "epoch", e))}
         return e, int(self._perms[e][p % self.n])
 
     def __len__(self):
         return 2 ** 62   # endless; the sampler decides which positions are read
 
     def __getitem__(self, p: int) -> dict:
-        cfg = self.cfg
         epoch, i = self.index(p)
-        aug = generator(cfg.seed, "augment", epoch, i)
-        flip = bool(cfg.random_flip and torch.rand((), generator=aug) < 0.5)
+        aug = generator(self.seed, "augment", epoch, i)
+        flip = bool(self.random_flip and torch.rand((), generator=aug) < 0.5)
         item = {}
         if self.cache is not None:
             item["moments"] = self.cache["moments"][int(flip)][i]          # [2C, h, w]
             item["text"] = self.cache["text"][i]
         else:
             with torch.random.fork_rng(devices=[]):                         # the dataset's random crop uses torch's RNG
-                torch.manual_seed(stream_seed(cfg.seed, "crop", epoch, i))
+                torch.manual_seed(stream_seed(self.seed, "crop", epoch, i))
                 sample = self.ds[i]
             pixels = sample["pixel_values"]                                 # [3, R, R] in [-1, 1]
             item["pixel_values"] = pixels.flip(-1) if flip else pixels      # left-right flip
             item["text"] = sample["text"]
-        g = generator(cfg.seed, "sample", p)
+        g = generator(self.seed, "sample", p)
         item["posterior_eps"] = torch.randn(self.latent_shape, generator=g)  # z₀ = μ + σ · this
         item["noise"] = torch.randn(self.latent_shape, generator=g)          # ε
         item["offset"] = torch.randn((self.latent_shape[0], 1, 1), generator=g)
         item["t"] = torch.randint(0, self.T, (), generator=g)
-        if torch.rand((), generator=g) < cfg.caption_dropout:
+        if torch.rand((), generator=g) < self.caption_dropout:
             item["text"] = ""
         return item
 
 
-def positions(start_step: int, end_step: int, cfg, rank: int, world: int):
+def positions(start_step: int, end_step: int, batch_size: int, grad_accum: int = 1, rank: int = 0, world: int = 1):
     """The stream positions this process reads for optimizer steps [start_step, end_step), in order.
 
-    Global micro-batch k holds positions [k·B·W, (k+1)·B·W); process r takes every W-th one from r (as
-    DistributedSampler does), so W processes of batch B see the samples of one process with batch B·W."""
-    B, W, A = cfg.batch_size, world, cfg.grad_accum
+    Each optimizer step reads A = grad_accum micro-batches. Global micro-batch k holds positions [k·B·W, (k+1)·B·W);
+    process r takes every W-th one from r (as DistributedSampler does), so W processes of batch B see the samples of
+    one process with batch B·W."""
+    B, W, A = batch_size, world, grad_accum
     for k in range(start_step * A, end_step * A):
         for j in range(B):
             yield k * B * W + j * W + rank

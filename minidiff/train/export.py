@@ -27,7 +27,7 @@ def embedding_file_stem(token: str) -> str:
     return stem
 
 
-def export_embeddings(out, token: str, vectors, step: int) -> list[Path]:
+def export_embeddings(out, token: str, vectors) -> list[Path]:
     from ..formats.embeddings import save_embedding
     out, stem = Path(out), embedding_file_stem(token)
     flat = vectors[0] if len(vectors) == 1 else vectors                 # diffusers' file: [d] for one vector, [n, d]
@@ -36,19 +36,24 @@ def export_embeddings(out, token: str, vectors, step: int) -> list[Path]:
             save_embedding(out / f"{stem}.safetensors", token, vectors, format="a1111")]
 
 
-def export_model(pipe, out, cfg, step: int | None = None) -> Path:
+def export_model(pipe, out, placeholder_token: str | None = None, lora_export: str = "merge", base_model=None,
+                 export_compvis: bool = False) -> Path:
     """Write the model into OUT as a diffusers folder without touching OUT's logs and checkpoints: saved whole into
-    a temporary OUT/.export-*, then each part renamed into place, model_index.json last."""
+    a temporary OUT/.export-*, then each part renamed into place, model_index.json last.
+
+    placeholder_token: textual inversion's word (its vectors go to the embedding files); lora_export "separate" also
+    writes OUT/lora.safetensors (its metadata names base_model) before the LoRA is merged; export_compvis: also
+    OUT/model.safetensors."""
     from ..checkpoint import save
     from ..lora import lora_layers, merge_lora, save_lora
 
     out = Path(out)
     learned = remove_placeholder(pipe)                 # textual inversion: the base token table goes back
     if learned is not None:
-        export_embeddings(out, cfg.placeholder_token, learned, step or cfg.steps)
+        export_embeddings(out, placeholder_token, learned)
     if lora_layers(pipe.unet) or lora_layers(pipe.text_encoder):
-        if cfg.lora_export == "separate":   # the U-Net's LoRA layers and the text encoder's, if it has any
-            save_lora(pipe, out / "lora.safetensors", extra_metadata={"base_model": str(cfg.model or "embedded")})
+        if lora_export == "separate":       # the U-Net's LoRA layers and the text encoder's, if it has any
+            save_lora(pipe, out / "lora.safetensors", extra_metadata={"base_model": str(base_model or "embedded")})
         merge_lora(pipe)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
@@ -60,7 +65,7 @@ def export_model(pipe, out, cfg, step: int | None = None) -> Path:
                 old = staging / f"old-{part.name}"
                 os.replace(target, old)
             os.replace(part, target)
-        if cfg.export_compvis:
+        if export_compvis:
             save(pipe, out / "model.safetensors", format="compvis")
     finally:
         shutil.rmtree(staging, ignore_errors=True)

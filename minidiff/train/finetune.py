@@ -295,7 +295,8 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
                       stacklevel=3)
     cache = cache_latents(dataset, pipe.vae, device, cfg.random_flip, progress=cfg.progress and ctx.main) \
         if cfg.cache_latents else None
-    stream = SampleStream(dataset, cfg, noise_sched.num_train_timesteps, latent_shape, cache)
+    stream = SampleStream(dataset, noise_sched.num_train_timesteps, latent_shape, cfg.seed, cfg.caption_dropout,
+                          cfg.random_flip, cache)
 
     # ---- optimizer, schedule, loss scaling, EMA
     optimizer = make_optimizer(list(trainable.values()), cfg.lr, device, cfg.optimizer, cfg.weight_decay,
@@ -327,13 +328,13 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
     if cfg.compile:
         model = torch.compile(model)
     end = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, start + cfg.max_steps_this_run)
-    loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate,
-                                         sampler=list(positions(start, end, cfg, ctx.rank, ctx.world)),
+    read = list(positions(start, end, cfg.batch_size, cfg.grad_accum, ctx.rank, ctx.world))
+    loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate, sampler=read,
                                          num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
 
     def loss_fn(batch):
-        return objective.micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_type, cfg,
-                                         device, autocast, text_trains)
+        return objective.micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_type, device,
+                                         autocast, cfg.noise_offset, cfg.min_snr_gamma, text_trains)
 
     val_prompts = cfg.validation_prompts if cfg.validation_prompts is not None else \
         default_validation_prompts(dataset, UNRELATED_PROMPTS)
@@ -353,6 +354,10 @@ def _loop(cfg: FinetuneConfig, ctx: Dist, run: Run, reporter: Reporter) -> float
         for p in outside_ddp:
             if p.grad is not None:
                 p.grad.copy_(ctx.mean(p.grad))
+
+    # validation samples under bf16 autocast when training uses it, in fp32 otherwise: fp16 would also run the VAE
+    # decoder in fp16, whose activations overflow into black images
+    validation_autocast = run.autocast if cfg.mixed_precision == "bf16" else nullcontext
 
     bar = tqdm(total=cfg.steps, initial=run.start, desc="fine-tuning", disable=not (cfg.progress and ctx.main))
     t_start, loss = time.perf_counter(), float("nan")
@@ -383,7 +388,9 @@ def _loop(cfg: FinetuneConfig, ctx: Dist, run: Run, reporter: Reporter) -> float
                     reporter.plots()
                     if run.val_prompts and cfg.validation_steps > 0:
                         with (run.ema.swapped_in(run.trainable) if run.ema is not None else nullcontext()):
-                            grid = render_validation(run.pipe, run.val_prompts, cfg, run.resolution, run.autocast)
+                            grid = render_validation(run.pipe, run.val_prompts, cfg.validation_seeds, run.resolution,
+                                                     cfg.validation_steps, cfg.validation_guidance,
+                                                     cfg.validation_scheduler, validation_autocast)
                         reporter.validation(grid, done)
     finally:
         bar.close()
@@ -400,7 +407,7 @@ def _finish(cfg: FinetuneConfig, ctx: Dist, run: Run) -> None:
         unet.disable_gradient_checkpointing()
     unet.eval().requires_grad_(False)
     atomic_write(run.out / "finetune_config.json", json.dumps({**config_dict(cfg), "_world": ctx.world}, indent=2))
-    export_model(run.pipe, run.out, cfg, run.end)
+    export_model(run.pipe, run.out, cfg.placeholder_token, cfg.lora_export, cfg.model, cfg.export_compvis)
 
 
 __all__ = ["FinetuneConfig", "PRESETS", "PRECISIONS", "TRAIN_MODES", "LR_SCHEDULES", "UNRELATED_PROMPTS", "Dist",

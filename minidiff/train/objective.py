@@ -49,13 +49,13 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, al
     return (per_sample * min_snr_weights(alphas_cumprod, t, min_snr_gamma, prediction_type)).mean()
 
 
-def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_type, cfg, device, autocast,
-                    text_trains: bool = False):
+def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_type, device, autocast,
+                    noise_offset: float = 0.0, min_snr_gamma: float | None = None, text_trains: bool = False):
     """One forward pass on one micro-batch -> the loss (fp32 scalar, not yet divided by grad_accum).
 
-    batch: data.collate's dict; model(z_t, t, context) is the U-Net (or its DDP / compiled wrapper). The frozen VAE
-    runs in fp32 without gradients; the text encoder runs with gradients only when part of it trains (LoRA on it,
-    textual inversion)."""
+    batch: data.collate's dict; model(z_t, t, context) is the U-Net (or its DDP / compiled wrapper); noise_offset o
+    and min_snr_gamma γ: the tweaks of the module docstring (0 / None: off). The frozen VAE runs in fp32 without
+    gradients; the text encoder runs with gradients only when part of it trains (LoRA on it, textual inversion)."""
     from ..vae import DiagonalGaussian
     with torch.no_grad():
         if "moments" in batch:                                   # cached: the VAE posterior's moments
@@ -65,8 +65,8 @@ def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_
         eps_post = batch["posterior_eps"].to(device)
         z0 = (posterior.mean + posterior.std * eps_post) * pipe.latent_scale       # [B, C, h, w], unit variance
         noise = batch["noise"].to(device)                                          # ε [B, C, h, w]
-        if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * batch["offset"].to(device)          # + o · δ [B, C, 1, 1]
+        if noise_offset:
+            noise = noise + noise_offset * batch["offset"].to(device)              # + o · δ [B, C, 1, 1]
         t = batch["t"].to(device)                                                  # [B]
         zt = noise_sched.add_noise(z0, noise, t)                                   # √ᾱ z₀ + √(1−ᾱ) ε
         texts = [pipe.tokenizer.expand_multi_vector(t) for t in batch["text"]]     # "<w>" -> "<w> <w>_1 ..." (TI)
@@ -76,7 +76,7 @@ def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_
         context = pipe.text_encoder(ids)                                           # [B, 77, d]
     with autocast():
         pred = model(zt, t, context)                                               # ε_θ(z_t, t, τ(y))
-    return diffusion_loss(pred, target, t, alphas_cumprod, cfg.min_snr_gamma, prediction_type)
+    return diffusion_loss(pred, target, t, alphas_cumprod, min_snr_gamma, prediction_type)
 
 
 __all__ = ["snr", "min_snr_weights", "diffusion_loss", "micro_step_loss"]

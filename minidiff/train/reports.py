@@ -155,23 +155,20 @@ def prepare_log(path: Path, start: int) -> list[dict]:
 
 
 @torch.no_grad()
-def render_validation(pipe, prompts, cfg, resolution: int, autocast) -> Image.Image:
-    """One image per (prompt, seed) with fixed seeds, as a grid: rows = prompts, columns = seeds.
-    Sampled under bf16 autocast when training uses it; in fp32 otherwise (fp16 would also run the VAE decoder in
-    fp16, whose activations overflow into black images)."""
-    from ..compare import make_grid
+def render_validation(pipe, prompts, seeds, resolution: int, steps: int = 25, guidance: float = 7.5,
+                      scheduler: str | None = None, autocast=nullcontext) -> Image.Image:
+    """One image per (prompt, seed) with fixed seeds, as a grid (compare.make_grid): rows = prompts, columns = seeds.
+    autocast: the context to sample under (fp32 when it is nullcontext)."""
+    from ..compare import make_grid, readable_cell
     was_training = pipe.unet.training
     pipe.unet.eval()
     rows = []
-    with autocast() if cfg.mixed_precision == "bf16" else nullcontext():
+    with autocast():
         for prompt in prompts:
-            rows.append([pipe.generate(prompt, steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance,
-                                       scheduler=cfg.validation_scheduler, seed=s, height=resolution,
-                                       width=resolution, progress=False)[0] for s in cfg.validation_seeds])
+            rows.append([pipe.generate(prompt, steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=s,
+                                       height=resolution, width=resolution, progress=False)[0] for s in seeds])
     pipe.unet.train(was_training)
-    side = max(rows[0][0].size)
-    return make_grid(rows, prompts, [f"seed {s}" for s in cfg.validation_seeds],
-                     cell=side * max(1, -(-128 // side)))
+    return make_grid(rows, prompts, [f"seed {s}" for s in seeds], cell=readable_cell(max(rows[0][0].size)))
 
 
 __all__ = ["REPORT_TO", "moving_average", "draw_loss_curve", "draw_lr_curve", "TensorBoard", "Reporter",

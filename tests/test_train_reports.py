@@ -1,11 +1,33 @@
-"""minidiff.train's reports: matplotlib loss / LR plots, TensorBoard (--lora-text-encoder: tests/test_lora.py)."""
+"""minidiff.train.reports: the validation grid, matplotlib loss / LR plots, TensorBoard (--lora-text-encoder:
+tests/test_lora.py)."""
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from minidiff.compare import grid_cell
 from minidiff.train import train
-from test_finetune import cfg_for, tiny  # noqa: F401  (tiny is a fixture)
+from minidiff.train.reports import render_validation
+from test_finetune import build_tiny_pipe, cfg_for, tiny  # noqa: F401  (tiny is a fixture)
+
+
+def test_validation_grid_holds_each_prompt_and_seed():
+    """Rows = prompts, columns = seeds; each cell is pipe.generate(prompt, seed) with the validation settings,
+    enlarged (nearest) from 16 to 128 px; the U-Net goes back to training mode afterwards."""
+    pipe = build_tiny_pipe()
+    pipe.unet.train()
+    prompts, seeds = ["a red circle", "A horse"], (0, 3)
+    grid = render_validation(pipe, prompts, seeds, 16, steps=2, guidance=5.0, scheduler="ddim")
+    g = grid.info["minidiff_grid"]
+    assert (g["rows"], g["cols"], g["cell_w"]) == (2, 2, 128)
+    assert pipe.unet.training
+    pipe.unet.eval()
+    for r, prompt in enumerate(prompts):
+        for c, seed in enumerate(seeds):
+            want = pipe.generate(prompt, steps=2, guidance_scale=5.0, scheduler="ddim", seed=seed, height=16, width=16,
+                                 progress=False)[0].resize((128, 128), Image.NEAREST)
+            assert np.array_equal(np.asarray(grid_cell(grid, r, c)), np.asarray(want)), (prompt, seed)
 
 
 def test_loss_and_lr_plots(tiny, tmp_path):

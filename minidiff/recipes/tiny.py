@@ -13,7 +13,7 @@ under 30 minutes on two CPU cores, and trained on the shapes world (minidiff.dat
   unet     U-Net ε_θ(z_t, t, τ(y)) (chapter 7)      frozen latents, frozen text     E‖ε − ε_θ(√ᾱ_t z + √(1−ᾱ_t) ε, t, τ(y))‖²
                                                     10% captions dropped to ""      (so classifier-free guidance works)
   save     minidiff.save(...) as a diffusers folder, then the pixel-detector evaluation (minidiff.shapes_eval);
-           MODEL_CARD.md, metrics.json and samples.png are written into the same folder
+           MODEL_CARD.md (model_card.py), metrics.json and samples.png are written into the same folder
 
     minidiff train-tiny --out weights/minidiff-shapes            # the committed model
     minidiff train-tiny --out /tmp/m --quick                     # every stage, very short (< 60 s)
@@ -21,13 +21,18 @@ under 30 minutes on two CPU cores, and trained on the shapes world (minidiff.dat
 
 Every stage trains with minidiff.train's one `train_step` (AdamW, the warm-up + cosine schedule of
 minidiff.train.optim decaying to a tenth, gradient clipping at 1, EMA, the NaN guard) — the same step
-`minidiff finetune` runs.
+`minidiff finetune` runs — and the U-Net's loss is minidiff.train.objective's diffusion_loss.
 
 Resuming: every stage checkpoints its network, optimizer, LR schedule and step counter into the work folder (default
-`<out>.work/`, beside the output, because `minidiff.save` replaces the output folder as a whole) atomically
-(minidiff.files), at least once a minute and when the stage ends; it is read back with torch.load(weights_only=True).
-The random batch of step n is drawn from a generator seeded with (seed, stage, n) (minidiff's one seed scheme,
-minidiff.train.data.generator), so a resumed run makes the same batches as an uninterrupted one.
+`<out>.work/`, beside the output, because `minidiff.save` replaces the output folder as a whole) with
+minidiff.train.state's save_state (atomic) at least once a minute and when the stage ends; load_state reads it back
+with torch.load(weights_only=True). The random batch of step n is drawn from minidiff.train.data.generator(seed,
+stage, n) (minidiff's one seed scheme), so a resumed run makes the same batches as an uninterrupted one.
+
+Speed on a shared machine: with two threads on two cores that other processes also use, OpenMP's default
+spin-waiting makes each thread burn its core waiting for the other, descheduled one at every barrier (measured here:
+a training step 40x slower). `minidiff train-tiny` sets OMP_WAIT_POLICY=PASSIVE before torch loads; calling this
+module from Python, set it in the environment before starting the process (or use one thread).
 
 Notebooks 10a–10d train smaller versions of each stage in seconds and probe the committed model (zero-shot CLIP,
 a guidance sweep, the held-out pairs).
@@ -38,28 +43,22 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# Two threads on two cores that other processes also use: OpenMP's default spin-waiting makes each thread burn its
-# core waiting for the other, descheduled one at every barrier — measured here, a training step 40x slower. A
-# passive wait (sleep at barriers) removes that. It must be set before torch loads its OpenMP runtime, so it only
-# takes effect when this module is imported first (as `minidiff train-tiny` does).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from .files import atomic_write
-from .train import loop
-from .train.data import generator
-from .train.optim import lr_factor, make_lr_scheduler, make_optimizer
-from .train.state import load_state, save_state
+from ..files import atomic_write
+from ..train import loop
+from ..train.data import generator
+from ..train.objective import diffusion_loss
+from ..train.optim import make_lr_scheduler, make_optimizer
+from ..train.state import load_state, save_state
+from .model_card import folder_sizes, write_model_card
 
 STAGES = ("data", "vae", "clip", "latents", "unet", "save")
 
@@ -117,9 +116,9 @@ class Recipe:
 
     def configs(self):
         """-> (VAEConfig, CLIPTextConfig, CLIPImageConfig, UNetConfig) of the networks this recipe trains."""
-        from .clip import CLIPImageConfig, CLIPTextConfig
-        from .unet import UNetConfig
-        from .vae import VAEConfig
+        from ..clip import CLIPImageConfig, CLIPTextConfig
+        from ..unet import UNetConfig
+        from ..vae import VAEConfig
         vae = VAEConfig(block_out_channels=self.vae_channels, layers_per_block=self.vae_layers, latent_channels=4,
                         norm_num_groups=self.vae_groups, sample_size=32, scaling_factor=1.0)
         text = CLIPTextConfig(hidden_size=self.text_width, intermediate_size=4 * self.text_width,
@@ -135,28 +134,6 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def _atomic_save(obj, path: Path):
-    """A crash leaves the old file or the new one, never half of one (minidiff.train.state.save_state)."""
-    save_state(obj, path)
-
-
-def _load(path: Path):
-    """A stage file, loaded with weights_only=True (it holds only tensors, numbers and strings): no pickle runs."""
-    return load_state(path)
-
-
-def _generator(seed: int, stage: str, step: int) -> torch.Generator:
-    """The random numbers of one training step: a function of (seed, stage, step) only, so resuming repeats them
-    (minidiff's one seed scheme, minidiff.train.data.generator)."""
-    return generator(seed, stage, step)
-
-
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then a cosine from 1 down to 0.1 at the last step (minidiff.train.optim's
-    one schedule, decaying to a tenth)."""
-    return lr_factor(step, "cosine", warmup, total, final=0.1)
-
-
 class Clock:
     """Wall-clock and CPU seconds of a stage, carried across resumes. CPU time counts every thread of the process:
     on a machine shared with other jobs, wall time grows while CPU time stays close to the work actually done."""
@@ -174,8 +151,8 @@ class Clock:
         return self.cpu0 + time.process_time() - self.c
 
 
-def _train(name: str, model: torch.nn.Module, params, steps: int, lr: float, step_fn, work: Path, resume: bool,
-           seed: int, warmup: int, ema=None, save_every: float = 60.0, progress: bool = True) -> dict:
+def train_stage(name: str, model: torch.nn.Module, params, steps: int, lr: float, step_fn, work: Path, resume: bool,
+                seed: int, warmup: int, ema=None, save_every: float = 60.0, progress: bool = True) -> dict:
     """Every stage's training: minidiff.train's one train_step (AdamW, warm-up + cosine LR, gradient clipping at 1,
     optional EMA of model's named parameters, NaN guard) and atomic checkpoints into work/{name}.pt.
     step_fn(generator) runs one forward pass -> (loss, {name: float}).
@@ -184,7 +161,7 @@ def _train(name: str, model: torch.nn.Module, params, steps: int, lr: float, ste
     params = list(params)
     opt = make_optimizer(params, lr, torch.device("cpu"), weight_decay=0.0)
     sched = make_lr_scheduler(opt, "cosine", warmup, steps, final=0.1)
-    state = _load(path) if resume else None
+    state = load_state(path) if resume else None
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -199,14 +176,14 @@ def _train(name: str, model: torch.nn.Module, params, steps: int, lr: float, ste
     ema_params = dict(model.named_parameters()) if ema is not None else None
 
     def checkpoint(done: bool):
-        _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                      "ema": ema.state_dict() if ema is not None else None, "step": step, "done": done,
-                      "wall": clock.wall, "cpu": clock.cpu, "last": last}, path)
+        save_state({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None, "step": step, "done": done,
+                    "wall": clock.wall, "cpu": clock.cpu, "last": last}, path)
 
     model.train()
     bar = tqdm(total=steps, initial=step, desc=name, disable=not progress, dynamic_ncols=True)
     while step < steps:
-        r = loop.train_step([_generator(seed, name, step)], step_fn, opt, params, lr_scheduler=sched, ema=ema,
+        r = loop.train_step([generator(seed, name, step)], step_fn, opt, params, lr_scheduler=sched, ema=ema,
                             ema_params=ema_params, max_grad_norm=1.0, step=step + 1, last_checkpoint=path)
         step += 1
         last = {"loss": r.loss, **r.logs}
@@ -221,18 +198,18 @@ def _train(name: str, model: torch.nn.Module, params, steps: int, lr: float, ste
     return {"step": step, "wall": clock.wall, "cpu": clock.cpu, "last": last}
 
 
-def _finish(work: Path, name: str, record: dict, metrics: dict):
+def finish_stage(work: Path, name: str, record: dict, metrics: dict):
     """Mark a stage done with its metrics (work/{name}.pt keeps the weights, work/{name}.json the numbers)."""
-    state = _load(work / f"{name}.pt")
+    state = load_state(work / f"{name}.pt")
     state.update(done=True, metrics=metrics, wall=record["wall"], cpu=record["cpu"])
-    _atomic_save(state, work / f"{name}.pt")
+    save_state(state, work / f"{name}.pt")
     atomic_write(work / f"{name}.json", json.dumps({"metrics": metrics, "wall_s": record["wall"],
                                                     "cpu_s": record["cpu"], "steps": record["step"]}, indent=2))
 
 
-def _done(work: Path, name: str):
+def finished_stage(work: Path, name: str):
     """The finished stage's state dict, or None when the stage has not completed."""
-    state = _load(work / f"{name}.pt")
+    state = load_state(work / f"{name}.pt")
     return state if state is not None and state.get("done") and "metrics" in state else None
 
 
@@ -245,7 +222,7 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------- the stages
 def load_training_data(recipe: Recipe, work: Path, data_dir: str | None, log=print):
     """Stage `data`: the imagefolder (written by make_dataset unless it exists) -> (uint8 [N, 3, 32, 32], captions)."""
-    from .data.shapes import load_dataset, make_dataset
+    from ..data.shapes import load_dataset, make_dataset
     folder = Path(data_dir) if data_dir else work / "data"
     if not (folder / "metadata.jsonl").is_file():
         t = time.perf_counter()
@@ -268,12 +245,12 @@ def train_vae(recipe: Recipe, images, work: Path, resume: bool, progress: bool =
     decoded in the wrong colour pulls no harder than a slightly soft edge. In our runs green — 2 of the 15 pairs —
     stayed decoded as yellow for 500+ steps with L1 (once for the whole run); with the squared error every colour
     is right within ~300 steps, and the PSNR after 600 steps went from 25.8 to 33.8 dB."""
-    from .data.shapes import ALL_PAIRS, random_images, to_tensor
-    from .vae import AutoencoderKL
+    from ..data.shapes import ALL_PAIRS, random_images, to_tensor
+    from ..vae import AutoencoderKL
     cfg = recipe.configs()[0]
     torch.manual_seed(recipe.seed)
     vae = AutoencoderKL(cfg)
-    done = _done(work, "vae") if resume else None
+    done = finished_stage(work, "vae") if resume else None
     if done:
         vae.load_state_dict(done["model"])
         return vae.eval(), done["metrics"], done
@@ -286,8 +263,8 @@ def train_vae(recipe: Recipe, images, work: Path, resume: bool, progress: bool =
         kl = posterior.kl().mean()
         return rec + recipe.kl_weight * kl, {"mse": rec / (3 * 32 * 32), "kl": kl}
 
-    rec = _train("vae", vae, list(vae.parameters()), recipe.vae_steps, recipe.vae_lr, step_fn, work, resume,
-                 recipe.seed, recipe.warmup, progress=progress)
+    rec = train_stage("vae", vae, list(vae.parameters()), recipe.vae_steps, recipe.vae_lr, step_fn, work, resume,
+                      recipe.seed, recipe.warmup, progress=progress)
     fresh, _ = random_images(512, seed=recipe.seed + 101, pairs=ALL_PAIRS)   # never-seen images, held-out pairs too
     x = to_tensor(fresh)
     with torch.no_grad():
@@ -297,28 +274,15 @@ def train_vae(recipe: Recipe, images, work: Path, resume: bool, progress: bool =
     metrics = {"psnr_db": float(p.mean()), "psnr_db_min": float(p.min()),
                "latent_std": float(post.mean.std()), "posterior_sigma_mean": float(post.std.mean()),
                "params": sum(q.numel() for q in vae.parameters())}
-    _finish(work, "vae", rec, metrics)
-    return vae, metrics, _done(work, "vae")
-
-
-def multi_positive_infonce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE when captions repeat. logits [B, B] (texts × images), labels [B] caption ids -> scalar.
-
-    With only 15 distinct captions a batch of 64 holds several copies of each, and CLIP's one-hot targets
-    (minidiff.clip.clip_loss: the diagonal) would push apart an image and an identical caption of another row.
-    Instead every pair with the same caption is a positive and the target row is spread evenly over them:
-        target[i, j] = [y_i = y_j] / Σ_k [y_i = y_k],   loss = ½ (CE(logits, target) + CE(logitsᵀ, target))
-    (the supervised-contrastive reading of Khosla et al. 2020). With all captions distinct this IS clip_loss."""
-    same = (labels[:, None] == labels[None, :]).float()             # [B, B]
-    target = same / same.sum(dim=1, keepdim=True)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    finish_stage(work, "vae", rec, metrics)
+    return vae, metrics, finished_stage(work, "vae")
 
 
 def clip_zero_shot(model, tokenizer, n_per_pair: int = 30, seed: int = 202) -> dict:
     """Zero-shot classification of fresh images among the 18 prompts "a {colour} {shape}" (CLIP §3.1.2); colour and
     shape accuracy read off the chosen prompt, for the trained and the held-out pairs separately."""
-    from .clip import zero_shot_classify
-    from .data.shapes import ALL_PAIRS, HELD_OUT, caption, render_specs, sample_specs, to_tensor
+    from ..clip import zero_shot_classify
+    from ..data.shapes import ALL_PAIRS, HELD_OUT, caption, render_specs, sample_specs, to_tensor
     prompts = [caption(c, s) for c, s in ALL_PAIRS]
     out = {}
     for split, pairs in (("trained", [p for p in ALL_PAIRS if p not in HELD_OUT]), ("held_out", list(HELD_OUT))):
@@ -334,11 +298,11 @@ def clip_zero_shot(model, tokenizer, n_per_pair: int = 30, seed: int = 202) -> d
 def train_clip(recipe: Recipe, images, captions, tokenizer, work: Path, resume: bool, progress: bool = True):
     """Stage `clip`: both towers from scratch with the (multi-positive) InfoNCE loss and a learned temperature
     exp(logit_scale), clipped at 100 as in CLIP §2.5. -> (CLIPModel, metrics)."""
-    from .clip import CLIPModel
+    from ..clip import CLIPModel, multi_positive_infonce
     _, text_cfg, image_cfg, _ = recipe.configs()
     torch.manual_seed(recipe.seed + 1)
     model = CLIPModel(text_cfg, image_cfg, embed_dim=recipe.clip_embed)
-    done = _done(work, "clip") if resume else None
+    done = finished_stage(work, "clip") if resume else None
     if done:
         model.load_state_dict(done["model"])
         return model.eval(), done["metrics"], done
@@ -356,14 +320,14 @@ def train_clip(recipe: Recipe, images, captions, tokenizer, work: Path, resume: 
         model.logit_scale.data.clamp_(max=math.log(100))
         return loss, {"loss": loss, "T": model.logit_scale.exp()}
 
-    rec = _train("clip", model, list(model.parameters()), recipe.clip_steps, recipe.clip_lr, step_fn, work, resume,
-                 recipe.seed, recipe.warmup, progress=progress)
+    rec = train_stage("clip", model, list(model.parameters()), recipe.clip_steps, recipe.clip_lr, step_fn, work, resume,
+                      recipe.seed, recipe.warmup, progress=progress)
     model.logit_scale.data.clamp_(max=math.log(100))
     metrics = clip_zero_shot(model, tokenizer)
     metrics["logit_scale_exp"] = float(model.logit_scale.detach().exp())
     metrics["text_params"] = sum(q.numel() for q in model.text_model.parameters())
-    _finish(work, "clip", rec, metrics)
-    return model, metrics, _done(work, "clip")
+    finish_stage(work, "clip", rec, metrics)
+    return model, metrics, finished_stage(work, "clip")
 
 
 @torch.no_grad()
@@ -373,8 +337,8 @@ def encode_latents(vae, images, work: Path, resume: bool, batch: int = 500):
     -> {"mean", "std": [N, 4, 8, 8], "scaling_factor": float}."""
     path = work / "latents.pt"
     if resume and path.is_file():
-        return _load(path)
-    t, c = time.perf_counter(), time.process_time()
+        return load_state(path)
+    clock = Clock()
     means, stds = [], []
     for i in range(0, images.shape[0], batch):
         post = vae.encode(_to_float(images[i:i + batch]))
@@ -383,8 +347,8 @@ def encode_latents(vae, images, work: Path, resume: bool, batch: int = 500):
     mean, std = torch.cat(means), torch.cat(stds)                   # [N, 4, 8, 8] each
     z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
     out = {"mean": mean, "std": std, "scaling_factor": float(1.0 / z.std()),
-           "wall": time.perf_counter() - t, "cpu": time.process_time() - c}
-    _atomic_save(out, path)
+           "wall": clock.wall, "cpu": clock.cpu}
+    save_state(out, path)
     return out
 
 
@@ -396,10 +360,10 @@ def train_unet(recipe: Recipe, latents: dict, captions, text_encoder, tokenizer,
 
     c = the frozen text tower's last hidden state [B, 77, d] of the caption, or of "" for 10% of the batch.
     -> (the U-Net to ship: the EMA weights when ema_decay > 0, metrics)."""
-    from .ema import EMA
-    from .pipeline import SD_V1_SCHEDULER
-    from .schedulers import make_scheduler
-    from .unet import UNet
+    from ..ema import EMA
+    from ..pipeline import SD_V1_SCHEDULER
+    from ..schedulers import make_scheduler
+    from ..unet import UNet
     unet_cfg = recipe.configs()[3]
     torch.manual_seed(recipe.seed + 2)
     unet = UNet(unet_cfg)
@@ -412,7 +376,7 @@ def train_unet(recipe: Recipe, latents: dict, captions, text_encoder, tokenizer,
         ema.copy_to(dict(out.named_parameters()))
         return out
 
-    done = _done(work, "unet") if resume else None
+    done = finished_stage(work, "unet") if resume else None
     if done:
         unet.load_state_dict(done["model"])
         if ema is not None:
@@ -436,15 +400,15 @@ def train_unet(recipe: Recipe, latents: dict, captions, text_encoder, tokenizer,
         zt = sched.add_noise(z0, noise, t)
         drop = torch.rand(B, generator=g) < recipe.caption_dropout
         c = torch.where(drop, torch.full_like(label[idx], empty), label[idx])
-        loss = F.mse_loss(unet(zt, t, context[c]), noise)
+        loss = diffusion_loss(unet(zt, t, context[c]), noise, t, sched.alphas_cumprod)   # ‖ε − ε_θ‖²
         return loss, {"loss": loss}
 
-    rec = _train("unet", unet, list(unet.parameters()), recipe.unet_steps, recipe.unet_lr, step_fn, work, resume,
-                 recipe.seed, recipe.warmup, ema=ema, progress=progress)
+    rec = train_stage("unet", unet, list(unet.parameters()), recipe.unet_steps, recipe.unet_lr, step_fn, work, resume,
+                      recipe.seed, recipe.warmup, ema=ema, progress=progress)
     metrics = {"final_loss": rec["last"].get("loss"), "params": sum(q.numel() for q in unet.parameters()),
                "ema": recipe.ema_decay > 0}
-    _finish(work, "unet", rec, metrics)
-    return shipped(), metrics, _done(work, "unet")
+    finish_stage(work, "unet", rec, metrics)
+    return shipped(), metrics, finished_stage(work, "unet")
 
 
 # --------------------------------------------------------------------------------------------------- everything
@@ -452,10 +416,9 @@ def train(out, recipe: Recipe | None = None, work=None, data=None, resume: bool 
           progress: bool = True, evaluate: bool = True, command: str | None = None, log=print) -> dict:
     """Run the recipe into `out` (a diffusers folder + MODEL_CARD.md + metrics.json + samples.png).
     -> the report dict (metrics and seconds per stage). stop_after: a stage name, to stop early (resume later)."""
-    from .clip import CLIPTextTransformer
-    from .pipeline import SD_V1_SCHEDULER, StableDiffusion
-    from .tokenizer import CLIPTokenizer
-    from .checkpoint import save
+    from ..clip import CLIPTextTransformer
+    from ..pipeline import SD_V1_SCHEDULER, StableDiffusion
+    from ..tokenizer import CLIPTokenizer
     recipe = recipe or Recipe()
     out = Path(out)
     work = Path(work) if work else out.with_name(out.name + ".work")
@@ -504,26 +467,11 @@ def train(out, recipe: Recipe | None = None, work=None, data=None, resume: bool 
     if stop_after == "unet":
         return report
 
-    t = Clock()
     # SD v1's noise schedule, but DDIM as the model's own sampler: PLMS (SD's PNDM) extrapolates from the last four
     # ε predictions, and this small U-Net's guided predictions at 7.5 swing too much for that (colours flip).
     pipe = StableDiffusion(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
                            scheduler_config=dict(SD_V1_SCHEDULER, _class_name="DDIMScheduler"))
-    save(pipe, out, format="diffusers")
-    times["save"] = {"wall_s": t.wall, "cpu_s": t.cpu}
-    report["train_wall_s"] = sum(s["wall_s"] for s in times.values())
-    report["train_cpu_s"] = sum(s["cpu_s"] for s in times.values())
-    report["sizes"] = folder_sizes(out)
-    report["command"] = command or f"minidiff train-tiny --out {out}"
-    if evaluate:
-        from .checkpoint import load
-        from .shapes_eval import evaluate as run_eval, format_report, save_grid
-        t = Clock()
-        r = run_eval(load(out), seeds=tuple(range(recipe.eval_seeds)), steps=recipe.eval_steps)
-        times["eval"] = {"wall_s": t.wall, "cpu_s": t.cpu}
-        save_grid(r["images"], out / "samples.png", ncol=recipe.eval_seeds)
-        report["eval"] = {k: v for k, v in r.items() if k not in ("images", "judgements")}
-        log(format_report(r))
+    ship(pipe, out, recipe, report, evaluate, command or f"minidiff train-tiny --out {out}", log)
     report["total_wall_s"] = total.wall
     atomic_write(out / "metrics.json", json.dumps(report, indent=2) + "\n")
     write_model_card(out, report)
@@ -533,88 +481,24 @@ def train(out, recipe: Recipe | None = None, work=None, data=None, resume: bool 
     return report
 
 
-def folder_sizes(folder) -> dict:
-    folder = Path(folder)
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-    return {"total_bytes": sum(files.values()), "files": files}
-
-
-def write_model_card(out: Path, report: dict):
-    """MODEL_CARD.md in the model folder: data, recipe, metrics, stage times, sizes, the reproduce command."""
-    from .data.shapes import HELD_OUT, caption
-    r, st = report["recipe"], report["stages"]
-    held = ", ".join(caption(*p) for p in HELD_OUT)
-    mv, mc = st["vae"]["metrics"], st["clip"]["metrics"]
-    weights = {k: v for k, v in report["sizes"]["files"].items() if k.endswith(".safetensors")}
-    lines = [
-        "# minidiff-shapes — a tiny text-to-image model trained from scratch on a CPU", "",
-        "minidiff's embedded default model (`minidiff.load()` with no path, `minidiff generate \"a red circle\"`): "
-        "the Stable Diffusion v1 architecture — KL autoencoder, CLIP text transformer with the real 49,408-token "
-        "CLIP vocabulary, cross-attention U-Net, SD v1 noise schedule — shrunk to draw 32×32 images of one coloured "
-        "shape. It is a teaching model: it knows 6 colours and 3 shapes and nothing else.", "",
-        "## Data", "",
-        f"{r['n_train']:,} images rendered by `minidiff.data.shapes.make_dataset(dir, n={r['n_train']}, "
-        f"seed={r['seed']})` (imagefolder + metadata.jsonl): 32×32 RGB, white background, one filled circle, "
-        "square or upright triangle, bounding box 12–24 px anywhere inside the canvas, anti-aliased (4×4 "
-        "supersampling). Colours red, green, blue, yellow, purple, orange. Caption exactly `a {colour} {shape}`. "
-        f"Three pairs never appear in training (held out): {held}.", "",
-        "## Recipe (`minidiff.tiny.Recipe`)", "",
-        "| stage | network | parameters | training |", "|---|---|---|---|",
-        f"| vae | AutoencoderKL, channels {list(r['vae_channels'])}, {r['vae_layers']} ResnetBlock/level, "
-        f"latents 8×8×4 | {mv['params']:,} | {r['vae_steps']} steps × batch {r['vae_batch']}, AdamW lr "
-        f"{r['vae_lr']}, loss Σ(x−D(z))² + {r['kl_weight']}·KL, z = μ + σε |",
-        f"| clip | text: width {r['text_width']}, {r['text_layers']} layers, {r['text_heads']} heads; image: ViT "
-        f"patch {r['image_patch']}, width {r['image_width']}, {r['image_layers']} layers; embed {r['clip_embed']} "
-        f"| text tower {mc['text_params']:,} (of which 49,408×{r['text_width']} token table) | "
-        f"{r['clip_steps']} steps × batch {r['clip_batch']}, AdamW lr {r['clip_lr']}, symmetric InfoNCE "
-        f"(same-caption pairs are all positives), learned temperature clipped at 100 |",
-        f"| unet | U-Net channels {list(r['unet_channels'])}, {r['unet_layers']} ResnetBlock/level, "
-        f"cross-attention {list(r['unet_cross'])}, {r['unet_heads']} heads, context width {r['text_width']} | "
-        f"{st['unet']['metrics']['params']:,} | {r['unet_steps']} steps × batch {r['unet_batch']}, AdamW lr "
-        f"{r['unet_lr']}, ε-prediction MSE, SD v1 schedule (scaled_linear 0.00085→0.012, 1000 steps), "
-        f"{int(100 * r['caption_dropout'])}% captions → \"\", EMA {r['ema_decay']} |", "",
-        f"All stages: linear warm-up ({r['warmup']} steps), cosine decay to 10%, gradient clipping at 1, seed "
-        f"{r['seed']}. The VAE and text tower are frozen for the U-Net. Latents are z·{st['latents']['scaling_factor']:.4f} "
-        "(`vae/config.json` scaling_factor = 1/std of the training latents). The model's own sampler "
-        "(`scheduler/scheduler_config.json`) is DDIM on the SD v1 schedule: PLMS (SD v1.4's PNDM) extrapolates from "
-        "the last four ε predictions, and this small U-Net's guided predictions swing too much for that at guidance 7.5.",
-        "",
-        "## Metrics", "",
-        f"- VAE reconstruction on 512 fresh images (all 18 pairs): PSNR {mv['psnr_db']:.2f} dB "
-        f"(worst image {mv['psnr_db_min']:.2f} dB).",
-        f"- CLIP zero-shot (18 prompts `a {{colour}} {{shape}}`, 30 fresh images per pair): trained pairs colour "
-        f"{100 * mc['trained_colour_acc']:.1f}%, shape {100 * mc['trained_shape_acc']:.1f}%, both "
-        f"{100 * mc['trained_pair_acc']:.1f}%; held-out pairs colour {100 * mc['held_out_colour_acc']:.1f}%, shape "
-        f"{100 * mc['held_out_shape_acc']:.1f}%, both {100 * mc['held_out_pair_acc']:.1f}%; "
-        f"learned temperature exp(logit_scale) = {mc['logit_scale_exp']:.1f}.",
-    ]
-    if "eval" in report:
-        e, s = report["eval"], report["eval"]["settings"]
-        lines += [
-            f"- Text-to-image, judged by the pixel detector `minidiff.shapes_eval` (foreground far from white; colour "
-            f"= palette colour nearest the foreground median; shape = fill ratio of the largest blob's bounding box): "
-            f"{s['n_images']} images = 18 prompts × seeds {s['seeds'][0]}–{s['seeds'][-1]}, {s['scheduler']} "
-            f"{s['steps']} steps, guidance {s['guidance_scale']}:",
-            f"  - **trained pairs: {100 * e['trained']:.1f}%** correct (asked colour AND shape; target ≥ 90%)",
-            f"  - **held-out pairs: {100 * e['held_out']:.1f}%** correct (target ≥ 60%)",
-            f"  - colour right {100 * e['colour']:.1f}%, shape right {100 * e['shape']:.1f}%, one clean shape "
-            f"{100 * e['clean']:.1f}%", "",
-            "| prompt | correct |", "|---|---|"]
-        heldc = {caption(*p) for p in HELD_OUT}
-        lines += [f"| {p}{' (held out)' if p in heldc else ''} | {100 * a:.0f}% |" for p, a in e["per_pair"].items()]
-        lines += ["", "`samples.png`: the evaluated images, one row per prompt in the table's order, one column per seed."]
-    lines += ["", "## Stage times", "",
-              "Measured on the development machine: 2 CPU cores shared with other jobs, torch threads = 2. CPU seconds "
-              "count both threads; wall seconds include waiting for the shared cores.", "",
-              "| stage | wall s | CPU s |", "|---|---|---|"]
-    lines += [f"| {k} | {v['wall_s']:.0f} | {v['cpu_s']:.0f} |" for k, v in st.items()]
-    lines += [f"| **training total (data → save)** | **{report['train_wall_s']:.0f}** | **{report['train_cpu_s']:.0f}** |",
-              "", "## Files", "", "| file | bytes |", "|---|---|"]
-    lines += [f"| {k} | {v:,} |" for k, v in weights.items()]
-    lines += [f"| whole folder (weights, configs, tokenizer, card, samples) | ≈ {report['sizes']['total_bytes'] / 1e6:.1f} MB |",
-              "", "## Reproduce", "", "```", report["command"], "python -m minidiff.shapes_eval", "```", "",
-              "Same code and seed give the same batches (the batch of step n is drawn from a generator seeded by "
-              "(seed, stage, n)); bit-for-bit equality of the weights across machines is not promised (float "
-              "summation order differs between CPUs and thread counts). `--resume` continues an interrupted run from "
-              "the work folder `<out>.work/`.", ""]
-    atomic_write(out / "MODEL_CARD.md", "\n".join(lines))
+def ship(pipe, out: Path, recipe: Recipe, report: dict, evaluate: bool, command: str, log=print) -> None:
+    """Stage `save`: the diffusers folder; then (evaluate) the pixel-detector evaluation of minidiff.shapes_eval on
+    the model as loaded back from it, with its images as samples.png. Adds the numbers to `report`."""
+    from ..checkpoint import load, save
+    from ..shapes_eval import evaluate as judge_all, format_report, samples_grid
+    times = report["stages"]
+    t = Clock()
+    save(pipe, out, format="diffusers")
+    times["save"] = {"wall_s": t.wall, "cpu_s": t.cpu}
+    report["train_wall_s"] = sum(s["wall_s"] for s in times.values())
+    report["train_cpu_s"] = sum(s["cpu_s"] for s in times.values())
+    report["sizes"] = folder_sizes(out)
+    report["command"] = command
+    if evaluate:
+        t = Clock()
+        r = judge_all(load(out), seeds=tuple(range(recipe.eval_seeds)), steps=recipe.eval_steps)
+        times["eval"] = {"wall_s": t.wall, "cpu_s": t.cpu}
+        grid = samples_grid(r)
+        atomic_write(out / "samples.png", lambda tmp: grid.save(tmp, format="PNG"))
+        report["eval"] = {k: v for k, v in r.items() if k not in ("images", "judgements")}
+        log(format_report(r))
