@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "annotate":     ("minidiff.commands.annotate", "review and edit captions in a local web page"),
     "finetune":     ("minidiff.commands.finetune", "fine-tune an SD v1 model on a captioned image folder"),
     "compare":      ("minidiff.commands.compare",  "render a base-vs-tuned comparison grid"),
+    "serve":        ("minidiff.commands.serve",    "a web page and the AUTOMATIC1111 API (/sdapi/v1) on one job queue"),
 }
 
 
