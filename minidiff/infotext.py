@@ -25,10 +25,13 @@ into one name, "DPM++ 2M Karras", the form every version reads, and format() wri
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from pathlib import Path
 
 PNG_KEY = "parameters"       # the PNG tEXt chunk's keyword
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 # AUTOMATIC1111's pattern of one "Key: value" pair on the settings line: a key starts with a word character and holds
 # words, spaces, "-" and "/"; a value is a JSON string or anything up to the next comma.
@@ -155,6 +158,22 @@ def format(prompt: str, negative_prompt: str = "", *, steps: int | None = None, 
     return f"{prompt}{negative}\n{settings}".strip()
 
 
+def model_hash(path) -> str:
+    """SHA-256 (hex) of a model: of the file, as AUTOMATIC1111 hashes a checkpoint (its "Model hash" is the first 10
+    digits); of a diffusers folder, over its .json and weight files' relative paths and bytes, in sorted order."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", *WEIGHT_SUFFIXES))
+    for f in files:
+        if f != path:
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def read_png(image) -> str | None:
     """The infotext a PIL image carries (its `parameters` text chunk), or None."""
     value = getattr(image, "info", {}).get(PNG_KEY)
@@ -169,4 +188,4 @@ def png_info(text: str):
     return info
 
 
-__all__ = ["PNG_KEY", "KNOWN", "quote", "unquote", "fields", "parse", "format", "read_png", "png_info"]
+__all__ = ["PNG_KEY", "KNOWN", "quote", "unquote", "fields", "parse", "format", "model_hash", "read_png", "png_info"]

@@ -6,7 +6,6 @@ One model is loaded at a time (SD v1 weighs 2-4 GB); switching loads the next on
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +13,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import DEFAULT_MODEL
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
-
+from ..infotext import model_hash
 
 @dataclass
 class Checkpoint:
@@ -32,7 +29,7 @@ class Checkpoint:
         """SHA-256 of the file (AUTOMATIC1111's "sha256"); for a diffusers folder, of its config and weight files'
         relative paths and bytes, in sorted order. Computed once, on first use."""
         if self._sha256 is None:
-            self._sha256 = _hash(Path(self.filename))
+            self._sha256 = model_hash(self.filename)
         return self._sha256
 
     @property
@@ -52,19 +49,6 @@ class Checkpoint:
         """An entry of GET /sdapi/v1/sd-models."""
         return {"title": self.title, "model_name": self.model_name, "hash": self.short_hash, "sha256": self.sha256,
                 "filename": self.filename, "config": None}
-
-
-def _hash(path: Path) -> str:
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.suffix == ".json"))
-    for f in files:
-        if f is not path:
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def checkpoint(path: str | None) -> Checkpoint:
