@@ -69,6 +69,11 @@ def error_response(status: int, kind: str, detail: str, headers=None) -> JSONRes
                         headers=headers)
 
 
+def explain_available() -> bool:
+    """Is minidiff.explain (issue 21: per-word cross-attention maps) part of this build? Imported only when used."""
+    return importlib.util.find_spec("minidiff.explain") is not None
+
+
 def named(e: Exception) -> str:
     """A minidiff.validation message, prefixed by the AUTOMATIC1111 field when the library's name differs."""
     msg = str(e)
@@ -176,7 +181,7 @@ def create_app(models=(None,), embeddings=(), device="cpu", auth: str | None = N
         """Read, check and queue a job; HTTP 422 for bad input (before it takes a place in the line)."""
         kind = mode
         if mode == "explain":
-            if importlib.util.find_spec("minidiff.explain") is None:
+            if not explain_available():
                 raise HTTPError(501, "where words land (minidiff.explain) is not available in this build",
                                 "NotImplemented")
             mode = "txt2img"
@@ -341,8 +346,7 @@ def create_app(models=(None,), embeddings=(), device="cpu", auth: str | None = N
             "model": ckpt.title, "models": [c.title for c in server.registry.checkpoints],
             "width": pipe.unet.config.sample_size * f, "height": pipe.unet.config.sample_size * f, "multiple": f,
             "sampler": a1111.a1111_name(scheduler_name(pipe.scheduler_config)),
-            "samplers": list(a1111.A1111_SAMPLER_NAMES), "explain": importlib.util.find_spec("minidiff.explain")
-            is not None, "preview": "VAE" if uses_vae(pipe) else "Approx cheap",
+            "samplers": list(a1111.A1111_SAMPLER_NAMES), "explain": explain_available(), "preview": "VAE" if uses_vae(pipe) else "Approx cheap",
             "max_images": a1111.MAX_IMAGES_PER_REQUEST, "max_output_pixels": a1111.MAX_OUTPUT_PIXELS})
 
     async def submit(request):

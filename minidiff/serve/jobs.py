@@ -229,6 +229,7 @@ def run_generation(job: Job, pipe) -> str:
     f = pipe.vae_scale_factor
     native = pipe.unet.config.sample_size * f
     width, height = r.width or native, r.height or native
+    r.parameters.update(width=width, height=height)    # the size used (not given: the model's own, see README)
     n = r.batch_size * r.n_iter
     job.image_count, job.steps = n, count_steps(pipe, r)
     pictures = job.inputs.get("images", [])
