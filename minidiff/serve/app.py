@@ -278,7 +278,7 @@ def create_app(models=(None,), embeddings=(), device="cpu", auth: str | None = N
                  "job": job.kind, "job_count": job.image_count,
                  "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
                  "job_no": job.image_index, "sampling_step": job.step, "sampling_steps": job.steps}
-        current = job.previews[-1][1] if job.previews and not skip else None
+        current = job.previews[-1][2] if job.previews and not skip else None
         return JSONResponse({"progress": p, "eta_relative": elapsed / p - elapsed, "state": state,
                              "current_image": base64.b64encode(current).decode() if current else None,
                              "textinfo": None})
@@ -346,7 +346,8 @@ def create_app(models=(None,), embeddings=(), device="cpu", auth: str | None = N
             "model": ckpt.title, "models": [c.title for c in server.registry.checkpoints],
             "width": pipe.unet.config.sample_size * f, "height": pipe.unet.config.sample_size * f, "multiple": f,
             "sampler": a1111.a1111_name(scheduler_name(pipe.scheduler_config)),
-            "samplers": list(a1111.A1111_SAMPLER_NAMES), "explain": explain_available(), "preview": "VAE" if uses_vae(pipe) else "Approx cheap",
+            "samplers": list(a1111.A1111_SAMPLER_NAMES), "explain": explain_available(),
+            "preview": "VAE" if uses_vae(pipe) else "Approx cheap",
             "max_images": a1111.MAX_IMAGES_PER_REQUEST, "max_output_pixels": a1111.MAX_OUTPUT_PIXELS})
 
     async def submit(request):
@@ -374,8 +375,8 @@ def create_app(models=(None,), embeddings=(), device="cpu", auth: str | None = N
         out = {"id": job.id, "mode": job.kind, "state": job.state, "place": server.queue.place(job),
                "progress": job.progress(), "image": job.image_index, "images": job.image_count, "step": job.step,
                "steps": job.steps, "seed": job.seed, "preview_count": len(job.previews),
-               "previews": [{"step": s, "image": base64.b64encode(png).decode()}
-                            for s, png in job.previews[since:]]}
+               "previews": [{"index": k, "step": s, "image": base64.b64encode(png).decode()}
+                            for k, s, png in job.previews[since:]]}
         if job.done.is_set():
             answer = job_answer(job)
             out["status"] = answer.status_code

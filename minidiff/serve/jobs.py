@@ -56,7 +56,7 @@ class Job:
     image_count: int = 1
     step: int = 0
     steps: int = 0
-    previews: list = field(default_factory=list)     # [(step, PNG bytes)], every preview_every steps
+    previews: list = field(default_factory=list)     # [(image index, step, PNG bytes)], every preview_every steps
     result: dict | None = None
     error: BaseException | None = None
     traceback: str | None = None
@@ -244,7 +244,7 @@ def run_generation(job: Job, pipe) -> str:
         if job.preview_every and (i + 1) % job.preview_every == 0 and i + 1 < job.steps:
             x0 = probe.predicted_x0(t)
             if x0 is not None:
-                job.previews.append((job.image_index * job.steps + i + 1, png_bytes(to_pil(to_rgb(pipe, x0))[0])))
+                job.previews.append((job.image_index, i + 1, png_bytes(to_pil(to_rgb(pipe, x0))[0])))
         if job.interrupt.is_set():
             raise JobInterrupted
 
