@@ -439,3 +439,11 @@ def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
     assert main(["serve"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'minidiff[serve]'" in err and "starlette" in err
+
+
+def test_readme_lists_every_ignored_field():
+    from minidiff.serve import a1111
+    readme = (ROOT / "README.md").read_text("utf-8")
+    section = readme[readme.index("## `minidiff serve`"):]
+    missing = [f for f in sorted(set(a1111.IGNORED_TXT2IMG) | set(a1111.IGNORED_IMG2IMG)) if f"`{f}`" not in section]
+    assert missing == []

@@ -71,7 +71,7 @@ _COMMON = {
     "do_not_save_samples": False, "do_not_save_grid": False, "eta": None, "denoising_strength": None,
     "s_min_uncond": None, "s_churn": None, "s_tmax": None, "s_tmin": None, "s_noise": None,
     "override_settings": None, "override_settings_restore_afterwards": True, "refiner_checkpoint": None,
-    "refiner_switch_at": None, "disable_extra_networks": False, "firstpass_image": None, "comments": None,
+    "refiner_switch_at": None, "disable_extra_networks": False, "comments": None,
     "sampler_index": "Euler", "script_name": None, "script_args": [], "send_images": True, "save_images": False,
     "alwayson_scripts": {}, "force_task_id": None, "infotext": None,
 }
@@ -79,7 +79,7 @@ TXT2IMG_FIELDS = {
     **_COMMON, "denoising_strength": 0.75, "enable_hr": False, "firstphase_width": 0, "firstphase_height": 0,
     "hr_scale": 2.0, "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0,
     "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "",
-    "hr_negative_prompt": "", "hr_cfg": 1.0, "hr_distilled_cfg": 3.5,
+    "hr_negative_prompt": "", "firstpass_image": None,
 }
 IMG2IMG_FIELDS = {
     **_COMMON, "init_images": None, "resize_mode": 0, "denoising_strength": 0.75, "image_cfg_scale": None,
