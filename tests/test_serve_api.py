@@ -204,7 +204,7 @@ def test_page_is_served_with_its_policy(client):
     assert (config["width"], config["height"], config["sampler"], config["preview"]) == (32, 32, "DDIM", "VAE")
 
 
-# ---------------------------------------------------------------------------------------------- queue, progress, interrupt
+# ------------------------------------------------------------------------------------ queue, progress, interrupt
 def test_queue_order_progress_and_interrupt(client):
     blocker = client.post("/minidiff/jobs", json={"mode": "txt2img", "prompt": "long", "steps": 900, "seed": 1,
                                                   "preview_every": 5}).json()

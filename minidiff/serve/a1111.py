@@ -188,7 +188,7 @@ def read_request(body, mode: str, infotext_parse=None) -> Request:
         for k, v in _from_infotext(parse(text)).items():
             given.setdefault(k, v)
     params = {**defaults, **{k: v for k, v in body.items() if k in defaults}}
-    b = {**{k: v for k, v in defaults.items()}, **given}
+    b = {**defaults, **given}
     r = Request(mode=mode, parameters=params)
     r.prompt = _str(b, "prompt")
     r.negative_prompt = _str(b, "negative_prompt")

@@ -11,7 +11,7 @@ Routes (AUTOMATIC1111's paths, fields and answers; see the README's "minidiff se
 The page's routes (minidiff's own):
     GET  /                                      the page (minidiff/serve/page.html)
     GET  /minidiff/config                       the model's own size and sampler, limits, whether explain exists
-    POST /minidiff/jobs                         {"mode": "txt2img" | "img2img" | "explain", ...fields} -> {"id", "place"}
+    POST /minidiff/jobs                         {"mode": "txt2img" | "img2img" | "explain", ...} -> {"id", "place"}
     GET  /minidiff/jobs/{id}?since=K            state, place, progress, previews from the K-th on, the answer
     DELETE /minidiff/jobs/{id}                  leave the line / interrupt
     GET  /minidiff/queue                        the running job and the waiting ones

@@ -31,7 +31,7 @@ from . import a1111
 from .preview import X0Probe, to_rgb
 
 MAX_QUEUED = 100            # jobs waiting; one more is refused (HTTP 503)
-KEEP_FINISHED = 50          # finished jobs kept for the page to read back
+KEEP_FINISHED = 20          # finished jobs kept for the page to read back (their pictures stay in memory)
 
 
 class JobInterrupted(Exception):

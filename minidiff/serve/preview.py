@@ -10,9 +10,10 @@ Notation:  z_t   the U-Net's input, in variance-preserving form (every minidiff 
                  σ(t) is then read off log σ by the same linear interpolation the samplers use to make t from σ.
 For a v-prediction model (v = √ᾱ ε − √(1−ᾱ) x₀):  x̂₀ = √ᾱ_t z_t − √(1−ᾱ_t) v̂.
 
-Why a forward hook: StableDiffusion.generate's callback receives (step, t, latents) AFTER the step, and x̂₀ needs
-ε̂, which is made inside the loop. The hook reads the U-Net's input and output where they are made (the callback then
-combines them), so the pipeline's signature stays as it is; the hook is registered for one job and removed after it.
+Why a forward hook: StableDiffusion.generate's callback receives (step, t, latents) AFTER the step, and x̂₀
+needs ε̂, which is made inside the loop. The hook reads the U-Net's input and output where they are made (the
+callback then combines them), so the pipeline's signature stays as it is; the hook is registered for one job and
+removed after it.
 
 x̂₀ becomes a picture two ways (AUTOMATIC1111's "Full" and "Approx cheap" live previews):
     the model's own VAE decoder      when the VAE is small (<= PREVIEW_VAE_MAX_PARAMETERS: the embedded model's)
@@ -24,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-PREVIEW_VAE_MAX_PARAMETERS = 5_000_000      # the embedded model's VAE has 0.7 M; SD v1's 84 M (decoding it: seconds)
+PREVIEW_VAE_MAX_PARAMETERS = 5_000_000   # the embedded model's VAE has 0.7 M; SD v1's 84 M (a decode: seconds)
 
 # SD v1's latent channels -> RGB in [-1, 1] (rows: latent channel, columns: R, G, B), AUTOMATIC1111's
 # modules/sd_vae_approx.py cheap_approximation (from a least-squares fit on the Hugging Face forum)
