@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -408,7 +409,8 @@ def test_minidiff_serve_subprocess_real_http():
     port = free_port()
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "minidiff", "serve", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl+C as in a terminal
     try:
         line = proc.stdout.readline()
         assert f"http://127.0.0.1:{port}/" in line, line
@@ -427,9 +429,10 @@ def test_minidiff_serve_subprocess_real_http():
         image = decode(body["images"][0])
         assert image.size == (32, 32) and "Seed: 4" in image.info["parameters"]
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    assert proc.returncode is not None
+        proc.send_signal(signal.SIGINT)                 # Ctrl+C
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped" in out and "Traceback" not in err
 
 
 def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):

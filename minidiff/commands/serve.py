@@ -43,5 +43,14 @@ def run(args) -> int:
     shown = "127.0.0.1" if host == "0.0.0.0" else host
     print(f"minidiff serve: http://{shown}:{args.port}/  (API: /sdapi/v1/..., "
           f"{'auth on' if args.api_auth else 'no auth'}) — Ctrl+C to stop", flush=True)
-    uvicorn.run(app, host=host, port=args.port, log_level="warning")
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):   # Ctrl+C: interrupt the running job at once, so that its request is
+            app.state.server.queue.shutdown()  # answered with what it made and the shutdown need not wait for it
+            super().handle_exit(sig, frame)
+
+    try:      # uvicorn shuts down gracefully, then re-raises the Ctrl+C
+        Server(uvicorn.Config(app, host=host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)).run()
+    except KeyboardInterrupt:
+        pass
+    print("minidiff serve: stopped", flush=True)
     return 0

@@ -97,6 +97,8 @@ class JobQueue:
     # ------------------------------------------------------------------------------------------ the line
     def submit(self, job: Job) -> Job:
         with self.cond:
+            if self._closed:
+                raise QueueFull("the server is stopping")
             if len(self.pending) >= self.max_queued:
                 raise QueueFull(f"{len(self.pending)} jobs are waiting, the most this server queues; retry later")
             if job.id in self.jobs:
@@ -143,12 +145,17 @@ class JobQueue:
             return [{"id": j.id, "mode": j.kind, "prompt": j.request.prompt, "place": i,
                      "state": j.state} for i, j in enumerate(line, start=0 if self.running else 1)]
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
+        """Stop taking jobs: the running one is interrupted (its request gets what it made), the waiting ones fail
+        ("the server stopped"). Returns at once; close() also waits for the worker."""
         with self.cond:
             self._closed = True
             if self.running is not None:
                 self.running.interrupt.set()
             self.cond.notify_all()
+
+    def close(self) -> None:
+        self.shutdown()
         self.thread.join(timeout=30)
 
     def _forget_old(self) -> None:
