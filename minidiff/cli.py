@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "finetune":     ("minidiff.commands.finetune", "fine-tune an SD v1 model on a captioned image folder"),
     "compare":      ("minidiff.commands.compare",  "render a base-vs-tuned comparison grid"),
     "shapes-eval":  ("minidiff.commands.shapes_eval", "judge a shapes model's images with the pixel detector"),
+    "serve":        ("minidiff.commands.serve",    "a web page and the AUTOMATIC1111 API (/sdapi/v1) on one job queue"),
 }
 
 

@@ -3,6 +3,7 @@ with `--image in.png [--strength 0.6]` image to image, with `--mask mask.png` to
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def run(args) -> int:
     from PIL import Image
 
     import minidiff
+    from minidiff import infotext
     from minidiff.files import atomic_write
 
     from minidiff.validation import NonFiniteError
@@ -65,6 +67,8 @@ def run(args) -> int:
                                  f"cannot read it as an image ({e})") from None
     if pictures:
         pictures["strength"] = args.strength
+    if args.seed is None:   # drawn here, not inside generate(), so the PNG's infotext can say which seed it was
+        args.seed = random.randrange(2 ** 32)
     try:  # bad input (a CheckpointError is a ValueError too) and NaN sampling: one clear line, no traceback
         pipe = minidiff.load(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                              compile=args.compile, ema=args.ema)
@@ -74,11 +78,33 @@ def run(args) -> int:
     except (ValueError, NonFiniteError) as e:
         print(f"minidiff generate: error: {e}", file=sys.stderr)
         return 2
-    for image, path in zip(images, output_paths(args.out, len(images))):
+    texts = infotexts(args, pipe, images)
+    for image, path, text in zip(images, output_paths(args.out, len(images)), texts):
         k = args.upscale or max(1, -(-256 // max(image.size)))  # ceil(256 / side)
         if k > 1:
             image = image.resize((image.width * k, image.height * k), Image.NEAREST)
-        atomic_write(path, lambda tmp, image=image: image.save(tmp, format=Image.registered_extensions().get(
-            path.suffix.lower(), "PNG")))
+        fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+        atomic_write(path, lambda tmp, image=image, fmt=fmt, text=text: image.save(
+            tmp, format=fmt, **({"pnginfo": infotext.png_info(text)} if fmt == "PNG" else {})))
         print(path)
     return 0
+
+
+def infotexts(args, pipe, images) -> list[str]:
+    """AUTOMATIC1111's `parameters` text of each image (minidiff.infotext), written into the PNG: the settings that
+    make it again, the size the model drew (before --upscale)."""
+    from minidiff import infotext
+    from minidiff.schedulers import scheduler_name
+    from minidiff.serve.a1111 import a1111_name
+    from minidiff.checkpoint import DEFAULT_MODEL
+
+    model = Path(args.model) if args.model else DEFAULT_MODEL
+    sha = infotext.model_hash(model)
+    sampler = a1111_name((args.scheduler or scheduler_name(pipe.scheduler_config)).lower())
+    n = len(images)
+    return [infotext.format(args.prompt, args.negative or "", steps=args.steps, sampler_name=sampler,
+                            cfg_scale=args.guidance, seed=args.seed, width=image.width, height=image.height,
+                            model_hash=sha[:10], model=model.stem if model.is_file() else model.name,
+                            denoising_strength=args.strength if args.image else None,
+                            extras={"Batch size": n, "Batch pos": i} if n > 1 else None)
+            for i, image in enumerate(images)]
