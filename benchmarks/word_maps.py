@@ -166,7 +166,7 @@ def picture(picked, path):
         labels.append(maps.prompt)
     grid = make_grid(cells, labels, ["image", "colour word", "shape word", "drawn shape", "shape word > 0.4"],
                      cell=64, font_size=10)
-    grid.save(path, optimize=True)
+    grid.convert("P", palette=Image.Palette.ADAPTIVE, colors=128).save(path, optimize=True)   # small for the docs
     return path
 
 
