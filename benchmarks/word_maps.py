@@ -192,14 +192,16 @@ def main(argv=None) -> int:
     block = "\n".join([
         BEGIN,
         f"Measured with `{command_line()}` at commit {git_commit()} on {cpu_model()} (load average "
-        f"{load_average()}; torch {torch.__version__}): 18 pairs × seeds {seeds[0]}–{seeds[-1]}, {args.scheduler} {args.steps} steps, "
+        f"{load_average()}; torch {torch.__version__}): 18 pairs × seeds {seeds[0]}–{seeds[-1]}, "
+        f"{args.scheduler} {args.steps} steps, "
         f"guidance {args.guidance}; {len(rows)} images in {seconds:.0f} s (each generated twice: all steps and the "
         f"first {args.early_steps}).",
         "", body, END])
     print(block)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": [{k: v for k, v in r.items() if k != "drawn"} for r in rows], "mass": {f"{h}x{w}": f for (h, w), f in mass.items()}},
-                                              indent=1))
+        rows_out = [{k: v for k, v in r.items() if k != "drawn"} for r in rows]
+        mass_out = {f"{h}x{w}": f for (h, w), f in mass.items()}
+        Path(args.json).write_text(json.dumps({"rows": rows_out, "mass": mass_out}, indent=1))
     if args.picture:
         print(picture(picked, args.picture))
     if args.out:

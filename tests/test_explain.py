@@ -35,7 +35,8 @@ class DaamHooker:
     AttnProcessor, with the probabilities' conditional half added per (factor, layer, head)."""
 
     def __init__(self, heat_maps, layer_idx, latent_hw, context_size=77):
-        self.heat_maps, self.layer_idx, self.latent_hw, self.context_size = heat_maps, layer_idx, latent_hw, context_size
+        self.heat_maps, self.layer_idx = heat_maps, layer_idx
+        self.latent_hw, self.context_size = latent_hw, context_size
 
     @staticmethod
     def unravel(x):  # DAAM's _unravel_attn: [batch·heads, h·w, tokens] -> [heads, tokens, h, w], conditional half
