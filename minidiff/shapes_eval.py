@@ -94,21 +94,29 @@ def crossness(box: np.ndarray) -> float:
     return float(ink[PLUS_CELLS].mean() - ink[CORNER_CELLS].mean())
 
 
-def detect(image) -> dict:
-    """Judge one image -> {"colour": name | None, "shape": name | None, "fill": float, "crossness": float,
-    "pixels": int, "blob_share": float, "clean": bool, "bbox": (top, left, bottom, right) | None}."""
+def masks(image) -> tuple[int | None, np.ndarray, np.ndarray]:
+    """Steps 1-3's masks of one image -> (palette index of its colour or None, foreground [H, W] bool, the largest
+    blob [H, W] bool: where the shape is drawn)."""
     x = as_array(image)                                         # [H, W, 3]
     dist = np.sqrt(((x - WHITE) ** 2).sum(-1))                  # [H, W] distance from white
     rough = dist > ROUGH_DISTANCE
     if not rough.any():
-        return {"colour": None, "shape": None, "fill": 0.0, "crossness": 0.0, "pixels": 0, "blob_share": 0.0,
-                "clean": False, "bbox": None}
+        return None, rough, rough
     k = _nearest_colour(np.median(x[rough], axis=0))            # step 2 on the rough mask
     ink = dist / np.linalg.norm(PALETTE[k] - WHITE)             # coverage estimate a
     fg = ink >= 0.5                                             # [H, W] foreground
     if fg.any():                                                # step 2 again on the final mask
         k = _nearest_colour(np.median(x[fg], axis=0))
-    blob = largest_blob(fg)
+    return k, fg, largest_blob(fg)
+
+
+def detect(image) -> dict:
+    """Judge one image -> {"colour": name | None, "shape": name | None, "fill": float, "crossness": float,
+    "pixels": int, "blob_share": float, "clean": bool, "bbox": (top, left, bottom, right) | None}."""
+    k, fg, blob = masks(image)
+    if k is None:
+        return {"colour": None, "shape": None, "fill": 0.0, "crossness": 0.0, "pixels": 0, "blob_share": 0.0,
+                "clean": False, "bbox": None}
     n, total = int(blob.sum()), int(fg.sum())
     if n == 0:
         return {"colour": NAMES[k], "shape": None, "fill": 0.0, "crossness": 0.0, "pixels": 0, "blob_share": 0.0,

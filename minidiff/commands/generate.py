@@ -1,5 +1,6 @@
 """`minidiff generate PROMPT --out FILE.png`: text to image on the embedded default model, or on any model minidiff loads;
-with `--image in.png [--strength 0.6]` image to image, with `--mask mask.png` too inpainting (white = repaint)."""
+with `--image in.png [--strength 0.6]` image to image, with `--mask mask.png` too inpainting (white = repaint);
+with `--attention-maps maps.png` also the grid of the prompt's word maps (minidiff.explain, DAAM)."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=0.75,
                    help="with --image: how much of the schedule runs, 0..1 (1 = ignore the picture's content)")
     p.add_argument("--mask", default=None, help="with --image: inpaint where this mask is white (same size as --image)")
+    p.add_argument("--attention-maps", default=None, metavar="PNG",
+                   help="also write where each word of the prompt lands: the image and one heat-map overlay per word "
+                        "(DAAM cross-attention maps, minidiff.explain); one image only")
     p.add_argument("--upscale", type=int, default=0,
                    help="nearest-neighbour enlargement for viewing (default: small images are enlarged to >= 256 px)")
 
@@ -67,14 +71,21 @@ def run(args) -> int:
                                  f"cannot read it as an image ({e})") from None
     if pictures:
         pictures["strength"] = args.strength
+    if args.attention_maps and args.num_images != 1:
+        raise SystemExit("minidiff generate: --attention-maps maps one image: leave --num-images at 1")
     if args.seed is None:   # drawn here, not inside generate(), so the PNG's infotext can say which seed it was
         args.seed = random.randrange(2 ** 32)
     try:  # bad input (a CheckpointError is a ValueError too) and NaN sampling: one clear line, no traceback
         pipe = minidiff.load(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                              compile=args.compile, ema=args.ema)
-        images = pipe.generate(args.prompt, negative_prompt=args.negative, steps=args.steps,
-                               guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
-                               height=args.height, width=args.width, num_images=args.num_images, **pictures)
+        kwargs = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
+                      scheduler=args.scheduler, seed=args.seed, height=args.height, width=args.width, **pictures)
+        if args.attention_maps:   # the same picture generate() gives, recorded on the way
+            from minidiff.explain import attention_maps
+            maps = attention_maps(pipe, args.prompt, **kwargs)
+            images = [maps.image]
+        else:
+            images = pipe.generate(args.prompt, num_images=args.num_images, **kwargs)
     except (ValueError, NonFiniteError) as e:
         print(f"minidiff generate: error: {e}", file=sys.stderr)
         return 2
@@ -87,6 +98,9 @@ def run(args) -> int:
         atomic_write(path, lambda tmp, image=image, fmt=fmt, text=text: image.save(
             tmp, format=fmt, **({"pnginfo": infotext.png_info(text)} if fmt == "PNG" else {})))
         print(path)
+    if args.attention_maps:
+        maps.grid(args.attention_maps)
+        print(args.attention_maps)
     return 0
 
 

@@ -75,12 +75,19 @@ def attention(q, k, v, mask=None, causal: bool = False, impl: str | None = None,
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     if impl != "naive":
         raise ValueError(f"attention impl must be 'naive' or 'sdpa', got {impl!r}")
+    return attention_probs(q, k, mask, causal) @ v  # [B, h, L, S] @ [B, h, S, d] -> [B, h, L, d]
+
+
+def attention_probs(q, k, mask=None, causal: bool = False):
+    """The attention weights softmax(QKᵀ/√d + mask): q [B, h, L, d], k [B, h, S, d] -> [B, h, L, S], each row a
+    probability distribution over the S keys (how much of each value query i takes in). The "naive" attention is
+    these weights @ V; the cross-attention probe shows them to a controller (CrossAttention.controller)."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, h, L, S]
     if causal:
         mask = _merge_causal(mask, q.shape[-2], k.shape[-2], q.device, scores.dtype)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return scores.softmax(dim=-1) @ v  # [B, h, L, d]
+    return scores.softmax(dim=-1)
 
 
 def _merge_causal(mask, L, S, device, dtype):
@@ -114,10 +121,20 @@ class CrossAttention(nn.Module):
         self.to_out = nn.ModuleList([Linear(inner, query_dim)])
 
     slice_size: int | None = None  # attention in query chunks (a memory saver, see minidiff.speed.enable_attention_slicing)
+    # The probe. A controller attached here is called as controller(layer, probs) with this layer and its attention
+    # weights probs = softmax(QKᵀ/√d) [B, h, L, S], computed through the chapter's softmax (attention_probs). It may
+    # look (return None: the layer's output is computed exactly as without it) or replace them (return a tensor of the
+    # same shape: the output is new_probs @ V, e.g. prompt-to-prompt's injected maps). minidiff.explain attaches
+    # them; with None (the default) the fused SDPA path runs untouched.
+    controller = None
 
     def forward(self, x, context=None, mask=None, residual=None):
         q, k, v = self.project_qkv(x, context)                    # [B, h, L, d], [B, h, S, d], [B, h, S, d]
-        out = attention(q, k, v, mask=mask, slice_size=self.slice_size)  # [B, h, L, d]
+        replaced = None if self.controller is None else self.controller(self, attention_probs(q, k, mask))
+        if replaced is None:
+            out = attention(q, k, v, mask=mask, slice_size=self.slice_size)  # [B, h, L, d]
+        else:
+            out = replaced.to(v.dtype) @ v                        # [B, h, L, S] @ [B, h, S, d] -> [B, h, L, d]
         out = rearrange(out, "b h l d -> b l (h d)")              # heads side by side again: [B, L, h·d]
         o = self.to_out[0]
         return o(out) if residual is None else o(out, add=residual)
