@@ -57,20 +57,23 @@ def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_
     and min_snr_gamma γ: the tweaks of the module docstring (0 / None: off). The frozen VAE runs in fp32 without
     gradients; the text encoder runs with gradients only when part of it trains (LoRA on it, textual inversion)."""
     from ..vae import DiagonalGaussian
+
+    def put(x):   # pinned host memory (the DataLoader's pin_memory on CUDA) -> device without waiting for the GPU
+        return x.to(device, non_blocking=True)
     with torch.no_grad():
         if "moments" in batch:                                   # cached: the VAE posterior's moments
-            posterior = DiagonalGaussian(batch["moments"].to(device))
+            posterior = DiagonalGaussian(put(batch["moments"]))
         else:                                                    # the frozen VAE runs in fp32 (no autocast)
-            posterior = pipe.vae.encode(batch["pixel_values"].to(device))
-        eps_post = batch["posterior_eps"].to(device)
+            posterior = pipe.vae.encode(put(batch["pixel_values"]))
+        eps_post = put(batch["posterior_eps"])
         z0 = (posterior.mean + posterior.std * eps_post) * pipe.latent_scale       # [B, C, h, w], unit variance
-        noise = batch["noise"].to(device)                                          # ε [B, C, h, w]
+        noise = put(batch["noise"])                                                # ε [B, C, h, w]
         if noise_offset:
-            noise = noise + noise_offset * batch["offset"].to(device)              # + o · δ [B, C, 1, 1]
-        t = batch["t"].to(device)                                                  # [B]
+            noise = noise + noise_offset * put(batch["offset"])                    # + o · δ [B, C, 1, 1]
+        t = put(batch["t"])                                                        # [B]
         zt = noise_sched.add_noise(z0, noise, t)                                   # √ᾱ z₀ + √(1−ᾱ) ε
         texts = [pipe.tokenizer.expand_multi_vector(t) for t in batch["text"]]     # "<w>" -> "<w> <w>_1 ..." (TI)
-        ids = pipe.tokenizer(texts).to(device)                                     # [B, 77]; "" when dropped
+        ids = put(pipe.tokenizer(texts))                                           # [B, 77]; "" when dropped
         target = noise_sched.get_velocity(z0, noise, t) if prediction_type == "v_prediction" else noise
     with (nullcontext() if text_trains else torch.no_grad()), autocast():
         context = pipe.text_encoder(ids)                                           # [B, 77, d]

@@ -38,7 +38,7 @@ def make_lr_scheduler(optimizer, schedule: str, warmup: int, total: int, final: 
 
 def make_optimizer(params: list, lr: float, device: torch.device, kind: str = "adamw", weight_decay: float = 1e-2,
                    betas=(0.9, 0.999), eps: float = 1e-8):
-    """AdamW, fused into one kernel on CUDA; 8-bit states (bitsandbytes) with kind="adamw8bit"."""
+    """AdamW, fused into one kernel where torch has one (CUDA, CPU); 8-bit states (bitsandbytes) with kind="adamw8bit"."""
     kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
     if kind == "adamw8bit":
         if device.type != "cuda":
@@ -51,7 +51,18 @@ def make_optimizer(params: list, lr: float, device: torch.device, kind: str = "a
         return bnb.optim.AdamW8bit(params, **kw)
     if kind != "adamw":
         raise ValueError(f"optimizer must be 'adamw' or 'adamw8bit', got {kind!r}")
-    return torch.optim.AdamW(params, fused=True if device.type == "cuda" else None, **kw)
+    return torch.optim.AdamW(params, fused=True if fused_supported(device) else None, **kw)
 
 
-__all__ = ["LR_SCHEDULES", "lr_factor", "make_lr_scheduler", "make_optimizer"]
+def fused_supported(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for `device`: the whole update of every tensor in one pass over its
+    memory (m, v and θ read and written once), instead of several elementwise passes per tensor. CUDA has one, and
+    since torch 2.4 the CPU too (3–4× faster than the per-tensor loop on the CPU, equal to it up to float rounding)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return device.type in _get_fused_kernels_supported_devices()
+    except ImportError:                                          # a private helper: if it moves, fuse where it always was
+        return device.type == "cuda"
+
+
+__all__ = ["LR_SCHEDULES", "lr_factor", "make_lr_scheduler", "make_optimizer", "fused_supported"]
