@@ -2,11 +2,12 @@
 
     python benchmarks/bench_train.py                  # CPU: the tiny recipe's U-Net and a small SD-layout U-Net, fp32
     python benchmarks/bench_train.py --device cuda    # GPU: the full SD v1.4 U-Net at 512² (64×64 latents), batch 8,
-                                                      #      bf16: diffusers' step vs minidiff's, ± compile, ± checkpointing
+                                                      #      bf16: diffusers' step vs minidiff's, ± compile,
+                                                      #      ± gradient checkpointing
     python benchmarks/bench_train.py --ablation       # one speed-up at a time (the cumulative variants below)
 
-The step is the fine-tuning step (Rombach et al. 2022, eq. 2): z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε, loss = ‖ε − ε_θ(z_t, t, c)‖²,
-backward, clipping at 1, AdamW — with the latents cached and the text context precomputed (the VAE and the text
+The step is the fine-tuning step (Rombach et al. 2022, eq. 2): z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε,
+loss = ‖ε − ε_θ(z_t, t, c)‖², backward, clipping at 1, AdamW — with the latents cached and the text context precomputed (the VAE and the text
 encoder are frozen), so the U-Net's forward, backward and update are what is timed. Two libraries run it:
 
   minidiff    minidiff.train.loop.train_step (the one step `minidiff finetune` and `train-tiny` run), the optimizer of
@@ -68,6 +69,11 @@ CONFIGS = {
                                           cross_attention=(True, True, False), heads=8, cross_attention_dim=256),
                           vae=VAEConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1), latent=32,
                           context=256, batch=4),
+    # the smallest SD-layout U-Net (one level, cross-attention): gpu_session.py --dry-run's rows, compiled in a minute
+    "toy": lambda: dict(unet=UNetConfig(block_out_channels=(32,), layers_per_block=1, cross_attention=(True,), heads=2,
+                                        cross_attention_dim=32, norm_num_groups=8),
+                        vae=VAEConfig(block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8), latent=8,
+                        context=32, batch=2),
     # SD v1.4 at 512×512
     "sd14": lambda: dict(unet=UNetConfig(), vae=VAEConfig(), latent=64, context=768, batch=8),
 }
@@ -198,17 +204,16 @@ def ablation_features(name: str, names: list[str]) -> set:
 def compare_rows(device, precision: str, libraries: list[str], checkpointing: bool) -> dict:
     """{row name: (library, features)} of the compare table: each library eager and compiled (± checkpointing)."""
     base = {"+ cached latents", "+ fused AdamW", "clip"} | ({"+ bf16 autocast"} if precision == "bf16" else set())
-    if device.type == "cuda":
-        base.add("+ channels-last")      # minidiff finetune --compile's layout on CUDA (see finetune._setup)
     rows = {}
     for ck in ([False, True] if checkpointing else [False]):
         for lib in libraries:
             for compiled in (False, True):
-                feats = set(base) | ({"+ torch.compile"} if compiled else set()) | ({"+ checkpointing"} if ck else set())
-                if lib == "minidiff" and not compiled:
-                    feats.discard("+ channels-last")
+                feats = set(base) | ({"+ torch.compile"} if compiled else set())
+                feats |= {"+ checkpointing"} if ck else set()
                 name = f"{lib} {'compiled' if compiled else 'eager'}{' + checkpointing' if ck else ''}"
                 rows[name] = (lib, feats)
+    if "minidiff" in libraries and device.type == "cuda":   # not minidiff's default yet: measured beside it
+        rows["minidiff compiled + channels-last"] = ("minidiff", base | {"+ torch.compile", "+ channels-last"})
     return rows
 
 
@@ -290,11 +295,13 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--config", default=None,
                    help=f"comma-separated from {list(CONFIGS)} (default: tiny,small on the CPU, sd14 on CUDA)")
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="autocast (default: fp32 CPU, bf16 CUDA)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="autocast (default: fp32 CPU, bf16 CUDA)")
     p.add_argument("--libraries", default=None, help="minidiff,diffusers (default: both)")
     p.add_argument("--no-checkpointing", action="store_true", help="CUDA: leave out the gradient-checkpointing rows")
     p.add_argument("--checkpointing", action="store_true", help="CPU: add the gradient-checkpointing rows")
-    p.add_argument("--rows", default=None, help="comma-separated subset of the rows, by name (e.g. 'minidiff compiled')")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated subset of the rows, by name (e.g. 'minidiff compiled')")
     p.add_argument("--warm-only", action="store_true",
                    help="only the warm-up steps (compilation fills inductor's caches); nothing measured or appended")
     p.add_argument("--ablation", action="store_true", help="minidiff only, one speed-up at a time")
@@ -355,10 +362,11 @@ def main(argv=None):
         "rows: " + ("--ablation: cumulative down to '+ torch.compile'; '+ checkpointing' and '+ 8-bit Adam' each on "
                     "that full stack" if args.ablation else
                     "each library eager and compiled; minidiff = train.loop.train_step with make_optimizer's AdamW "
-                    "(fused) and clipping at 1; compiled = loop.compile_for_training (`finetune --compile`; "
-                    "channels-last on CUDA); diffusers = train_text_to_image.py's step core (AdamW foreach, "
-                    "clip_grad_norm_, loss.item() per step), compiled with the same torch.compile options; latents "
-                    "cached and text context precomputed for both"),
+                    "(fused) and clipping at 1; compiled = loop.compile_for_training (`finetune --compile`); "
+                    "+ channels-last: the U-Net's weights in NHWC too (not a default: measured here); diffusers = "
+                    "train_text_to_image.py's step core (AdamW foreach, clip_grad_norm_, loss.item() per step), "
+                    "compiled with the same torch.compile options; latents cached and text context precomputed for "
+                    "both"),
         ("peak GiB = torch.cuda.max_memory_allocated over the timed steps (weights, gradients, optimizer state, "
          "activations)") if cuda else
         ("peak extra GiB = peak resident memory during one step minus the resident memory before it (activations, "

@@ -1,8 +1,8 @@
-"""The prepared GPU session (issue 24): every GPU number the project still lacks, in one command sized for a short lease.
+"""The prepared GPU session (issue 24): the GPU numbers the project still lacks, in one command sized for a short lease.
 
     bash benchmarks/gpu_session.sh                    # on the GPU machine: all parts, within --budget seconds
     bash benchmarks/gpu_session.sh --dry-run          # here, on a CPU: every part on toy shapes (~15-25 min on 2 cores)
-    bash benchmarks/gpu_session.sh --parts seed-job   # one part (training | seed-job | inference), e.g. in a second call
+    bash benchmarks/gpu_session.sh --parts seed-job   # one part (training | seed-job | inference): a second call
 
 The parts, in the order they run (the most wanted first: the lease may end before the last):
   training    bench_train.py --device cuda: full SD v1.4 U-Net, 512², batch 8, bf16 — diffusers' train_text_to_image
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -37,9 +38,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
-PARTS = ("training", "seed-job", "inference")
+PARTS = ("training", "seed-job", "inference")            # `all`, in this order
+EXTRA = ("checks",)                                      # only when named: the Triton kernels' and models' checks
 # seconds each part needs at least once its kernels are compiled (one H100; guesses until a session has measured them)
-NEEDS = {"training": 120, "seed-job": 150, "inference": 150}
+NEEDS = {"training": 120, "seed-job": 150, "inference": 150, "checks": 300}
 # GPU memory each warm job holds (GiB, guesses): a full U-Net with AdamW at batch 8 ~ 18-22; inference ~ 4
 WARM_GIB = {"training": 22, "seed-job": 18, "inference": 5}
 
@@ -51,9 +53,11 @@ def sh(cmd: list[str], log: Path, timeout: float) -> tuple[object, float]:
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=max(1, timeout)).returncode
+            code = proc.wait(timeout=max(1, timeout))
         except subprocess.TimeoutExpired:
+            kill_group(proc)
             code = "timeout"
     wall = time.perf_counter() - t0
     tail = log.read_text(errors="replace").splitlines()[-12:]
@@ -61,12 +65,21 @@ def sh(cmd: list[str], log: Path, timeout: float) -> tuple[object, float]:
     return code, wall
 
 
+def kill_group(proc):
+    """SIGKILL a part and everything it started (seed_job.py's finetune runs, inductor's compile workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
 def plan(args, model: Path, out: Path) -> tuple[dict, dict]:
-    """-> ({part: timed command}, {part: [warm commands]}) for the device (or the --dry-run's toy shapes)."""
+    """-> ({part: [timed commands]}, {part: [warm commands]}) for the device (or the --dry-run's toy shapes)."""
     dev = "cpu" if args.dry_run else "cuda"
     seed = [PY, "benchmarks/seed_job.py", "--device", dev, "--model", str(model), "--work", str(out / "seed_job")]
     if args.dry_run:
-        train = [PY, "benchmarks/bench_train.py", "--device", "cpu", "--config", "tiny", "--batch", "2", "--steps", "2",
+        train = [PY, "benchmarks/bench_train.py", "--device", "cpu", "--config", "toy", "--steps", "2",
                  "--checkpointing", "--no-append"]
         seed += ["--tiny", "--no-append"]
         infer = [PY, "benchmarks/bench_gpu.py", "--smoke", "--device", "cpu", "--compile-on-cpu", "--dtypes", "fp32",
@@ -76,7 +89,11 @@ def plan(args, model: Path, out: Path) -> tuple[dict, dict]:
         seed += ["--parallel"]
         infer = [PY, "benchmarks/bench_gpu.py", "--model", str(model), "--dtypes", "fp16,bf16", "--repeats", "1",
                  "--no-train"]
-    timed = {"training": train, "seed-job": seed, "inference": infer}
+    smoke = ["--smoke"] if args.dry_run else []
+    checks = [[PY, "benchmarks/gpu_kernels_check.py", *smoke, "--out", str(out / "kernels.md")],
+              [PY, "benchmarks/gpu_model_check.py", *(["--small", "--device", "cpu"] if args.dry_run else []),
+               "--out", str(out / "model.md")]]
+    timed = {"training": [train], "seed-job": [seed], "inference": [infer], "checks": checks}
     warm = {
         "training": [[*train, "--warm-only", "--rows", rows] for rows in
                      ("minidiff compiled,minidiff compiled + checkpointing",
@@ -84,6 +101,7 @@ def plan(args, model: Path, out: Path) -> tuple[dict, dict]:
         "seed-job": [[*seed, "--warm-only"]],
         "inference": [[*infer, "--warm-only", "--variants", v] for v in
                       ("minidiff + compile", "minidiff + compile (reference ops)", "diffusers + torch.compile")],
+        "checks": [],
     }
     return timed, warm
 
@@ -100,7 +118,7 @@ def warm_up(jobs: list[tuple[str, list[str]]], logs: Path, deadline: float, capa
             f = open(log, "w")
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
             running.append((part, proc, log, time.perf_counter()))
             used += WARM_GIB[part]
             print(f"[warm] started {log.name}: {' '.join(cmd[1:])}", flush=True)
@@ -109,8 +127,7 @@ def warm_up(jobs: list[tuple[str, list[str]]], logs: Path, deadline: float, capa
             part, proc, log, t0 = job
             if proc.poll() is not None or time.monotonic() > deadline:
                 if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+                    kill_group(proc)
                 running.remove(job)
                 lines.append(f"{log.name}: exit {proc.returncode} after {time.perf_counter() - t0:.0f} s")
                 print(f"[warm] {lines[-1]}", flush=True)
@@ -128,7 +145,7 @@ def gpu_memory_gib() -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="all", help=f"comma-separated from {PARTS}, or all")
+    p.add_argument("--parts", default="all", help=f"comma-separated from {PARTS + EXTRA}, or all (= {PARTS})")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole session, setup included (default 450 on a GPU; --dry-run: 3600)")
     p.add_argument("--dry-run", action="store_true", help="on the CPU, toy shapes: that every part runs end to end")
@@ -139,9 +156,9 @@ def main(argv=None):
     budget = args.budget or (3600 if args.dry_run else 450)
     deadline = t_start + budget
     parts = list(PARTS) if args.parts == "all" else args.parts.split(",")
-    unknown = set(parts) - set(PARTS)
+    unknown = set(parts) - set(PARTS + EXTRA)
     if unknown:
-        raise SystemExit(f"gpu_session: unknown parts {sorted(unknown)}; choose from {PARTS}")
+        raise SystemExit(f"gpu_session: unknown parts {sorted(unknown)}; choose from {PARTS + EXTRA}")
     out = args.out.resolve()
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -153,8 +170,9 @@ def main(argv=None):
                        "the seed job is skipped")
         parts.remove("seed-job")
     model = out / ("sd-tiny" if args.dry_run else "sd14-random")
-    code, wall = sh([PY, "benchmarks/bench_gpu.py", "--save-random", str(model), *(["--smoke"] if args.dry_run else [])],
-                    logs / "setup-weights.log", deadline - time.monotonic())
+    smoke = ["--smoke"] if args.dry_run else []
+    code, wall = sh([PY, "benchmarks/bench_gpu.py", "--save-random", str(model), *smoke], logs / "setup-weights.log",
+                    deadline - time.monotonic())
     summary.append(f"- random-weight model folder {model.name}: exit {code}, {wall:.0f} s")
     timed, warm = plan(args, model, out)
 
@@ -175,8 +193,9 @@ def main(argv=None):
                            f"`bash benchmarks/gpu_session.sh --parts {part}`")
             print(summary[-1], flush=True)
             continue
-        code, wall = sh(timed[part], logs / f"{part}.log", left)
-        summary.append(f"- {part}: exit {code}, {wall:.0f} s — `{' '.join(timed[part][1:])}`")
+        for i, cmd in enumerate(timed[part]):
+            code, wall = sh(cmd, logs / f"{part}{'-' + str(i + 1) if i else ''}.log", deadline - time.monotonic())
+            summary.append(f"- {part}: exit {code}, {wall:.0f} s — `{' '.join(cmd[1:])}`")
 
     summary.append(f"- total {time.monotonic() - t_start:.0f} s of the {budget:.0f} s budget")
     text = "\n".join(summary) + "\n"

@@ -5,7 +5,8 @@ with random weights, for ~100 steps with a checkpoint, a SIGKILL and a resume; t
     python benchmarks/seed_job.py --device cpu --tiny      # every step of it on a toy model in ~a minute: the dry run
 
 What runs, each as the command a user types (`python -m minidiff ...` in a subprocess):
-  1. straight   finetune --preset pokemon --model M --data D --steps S --checkpoint-every K --compile ...  (never stopped)
+  1. straight   finetune --preset pokemon --model M --data D --steps S --checkpoint-every K --compile ...
+                (never stopped)
   2. killed     the same into another folder, SIGKILLed as soon as its log shows step ≥ --kill-after (> K: the
                 checkpoint of step K is on disk, the steps after it are lost)
   3. resumed    the same with --resume: continues from step K to S, then exports
@@ -57,7 +58,7 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
-def run(cmd: list[str], log: Path, kill_at: tuple[Path, int] | None = None, timeout: float = 1800) -> dict:
+def run(cmd: list[str], log: Path, kill_at: tuple[Path, int] | None = None, timeout: float = 3 * 3600) -> dict:
     """Run a command (its output into `log`); with kill_at = (output folder, step) SIGKILL it once that folder's log
     shows the step. -> {"code", "wall_s"}."""
     t0 = time.perf_counter()
