@@ -49,7 +49,8 @@ def test_finetune_tiny_recipe_and_benchmark_run_the_same_train_step(counted, tin
                                heads=2, cross_attention_dim=8, norm_num_groups=4),
                vae=VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4), latent=4, context=8,
                batch=2)
-    trainer = bench_train.Trainer(cfg, torch.device("cpu"), {"baseline"}, bench_train.make_data(cfg, torch.device("cpu")))
+    cpu = torch.device("cpu")
+    trainer = bench_train.Trainer(cfg, cpu, {"baseline"}, bench_train.make_data(cfg, cpu))
     assert math.isfinite(float(trainer.step()))
     assert counted[5:] == ["bench_train"]
 
@@ -99,7 +100,8 @@ class HostReads(TorchFunctionMode):
 
 
 def test_one_host_sync_per_step():
-    """Loss, gradient norm and a logged tensor of two micro-batches, clipping and EMA: one read of the device per step."""
+    """Loss, gradient norm and a logged tensor of two micro-batches, clipping and EMA: one read of the device per
+    step."""
     from minidiff.ema import EMA
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))

@@ -38,7 +38,8 @@ def make_lr_scheduler(optimizer, schedule: str, warmup: int, total: int, final: 
 
 def make_optimizer(params: list, lr: float, device: torch.device, kind: str = "adamw", weight_decay: float = 1e-2,
                    betas=(0.9, 0.999), eps: float = 1e-8):
-    """AdamW, fused into one kernel where torch has one (CUDA, CPU); 8-bit states (bitsandbytes) with kind="adamw8bit"."""
+    """AdamW, fused into one kernel where torch has one (CUDA, CPU); 8-bit states (bitsandbytes) with
+    kind="adamw8bit"."""
     kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
     if kind == "adamw8bit":
         if device.type != "cuda":
@@ -61,7 +62,7 @@ def fused_supported(device: torch.device) -> bool:
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
         return device.type in _get_fused_kernels_supported_devices()
-    except ImportError:                                          # a private helper: if it moves, fuse where it always was
+    except ImportError:                       # a private helper: if it moves, fuse where it always was
         return device.type == "cuda"
 
 
