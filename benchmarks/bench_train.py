@@ -150,9 +150,8 @@ class DiffusersTrainer:
         self.unet.to(device).train()
         if "+ checkpointing" in features:
             self.unet.enable_gradient_checkpointing()
-        from minidiff.speed import compile_options
-        self.model = torch.compile(self.unet, **compile_options(device)) if "+ torch.compile" in features \
-            else self.unet
+        self.model = torch.compile(self.unet, **loop.training_compile_options(device)) \
+            if "+ torch.compile" in features else self.unet
         self.noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                              num_train_timesteps=1000)
         self.params = list(self.unet.parameters())
@@ -343,6 +342,7 @@ def main(argv=None):
                 raise SystemExit(f"bench_train: unknown rows {sorted(unknown)}; the rows are {list(rows)}")
             rows = {k: v for k, v in rows.items() if k in args.rows.split(",")}
         print(f"training bench: {config} U-Net on {args.device}, {precision}, rows: {', '.join(rows)}", flush=True)
+        torch._dynamo.reset()
         results = measure(device, cfg, rows, 0 if args.warm_only else steps)
         if args.warm_only:
             continue

@@ -230,24 +230,80 @@ def category(op: str) -> str:
     return "other"
 
 
-def profile_step(model, inputs) -> tuple[dict, list, float]:
-    """One call under torch.profiler -> ({category: self seconds}, top ops [(name, self s, calls)], wall s)."""
+def profile_step(model, inputs) -> tuple[dict, dict, float]:
+    """One call under torch.profiler -> ({category: self s}, {op: (self s, calls)}, wall s)."""
     from torch.profiler import ProfilerActivity, profile
     with torch.inference_mode():
-        call(model, *inputs)                      # warm-up (packs oneDNN weights, first-call work)
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             call(model, *inputs)
         wall = time.perf_counter() - t0
-    cats, ops = {}, []
+    cats, ops = {}, {}
     for e in prof.key_averages():
         s = e.self_cpu_time_total / 1e6
-        if s <= 0:
-            continue
-        cats[category(e.key)] = cats.get(category(e.key), 0.0) + s
-        ops.append((e.key, s, e.count))
-    ops.sort(key=lambda o: -o[1])
+        if s > 0:
+            cats[category(e.key)] = cats.get(category(e.key), 0.0) + s
+            ops[e.key] = (s, e.count)
     return cats, ops, wall
+
+
+# OpenVINO's node types (its CPU plugin's profiling info) -> the same categories
+OV_CATEGORIES = {"attention": ("ScaledDotProductAttention", "Softmax", "SDPA"),
+                 "matmul / conv": ("Convolution", "MatMul", "FullyConnected", "GroupConvolution", "Deconvolution"),
+                 "GroupNorm": ("GroupNormalization",), "LayerNorm": ("MVN", "NormalizeL2", "LayerNorm"),
+                 "dtype / layout copies": ("Reorder", "Convert", "Transpose", "Reshape", "Broadcast", "Gather",
+                                           "StridedSlice", "Split", "VariadicSplit", "Concat"),
+                 "elementwise": ("Eltwise", "Add", "Multiply", "Subtract", "Divide", "Swish", "Gelu", "Sigmoid",
+                                 "Interpolate", "Power", "Exp", "Sin", "Cos")}
+
+
+def openvino_profile(ov_model, hint: str, inputs, rounds: int) -> tuple[dict, dict, float]:
+    """OpenVINO's own per-node timings (PERF_COUNT), summed per category, medians over rounds."""
+    import openvino as ov
+    compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": "YES"})
+    request = compiled.create_infer_request()
+    feed = [inputs[0].float().numpy(), inputs[1].numpy(), inputs[2].float().numpy()]
+    request.infer(feed)                                            # warm-up
+    runs = []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        request.infer(feed)
+        wall = time.perf_counter() - t0
+        cats, ops = {}, {}
+        for info in request.get_profiling_info():
+            sec = info.real_time.total_seconds()
+            kind = next((c for c, types in OV_CATEGORIES.items() if info.node_type in types), "other")
+            cats[kind] = cats.get(kind, 0.0) + sec
+            key = f"{info.node_type} ({info.exec_type})"
+            ops[key] = (ops.get(key, (0.0, 0))[0] + sec, ops.get(key, (0.0, 0))[1] + 1)
+        runs.append((cats, ops, wall))
+        print(f"  round {r + 1}: OpenVINO {wall:.2f} s", flush=True)
+    cats = {c: median([r[0].get(c, 0.0) for r in runs]) for c in {c for r in runs for c in r[0]}}
+    ops = {o: (median([r[1].get(o, (0.0, 0))[0] for r in runs]), runs[0][1].get(o, (0, 0))[1])
+           for o in {o for r in runs for o in r[1]}}
+    return cats, ops, median([r[2] for r in runs])
+
+
+def profile_rounds(models: dict, inputs, rounds: int) -> dict:
+    """Each model profiled once per round, round-robin, after one warm-up call each (oneDNN's packing, first-call
+    work) -> {name: (median {category: s}, median {op: (s, calls)}, median wall s)}. Medians over rounds: on a shared
+    2-core machine a thread descheduled at one of the ~600 parallel regions of a step stalls that op, so single
+    profiles of the small ops (norms, elementwise) are inflated at random; the median of a few rounds is not."""
+    with torch.inference_mode():
+        for m in models.values():
+            call(m, *inputs)
+    runs = {name: [] for name in models}
+    for r in range(rounds):
+        for name, m in models.items():
+            runs[name].append(profile_step(m, inputs))
+            print(f"  round {r + 1}: {name} {runs[name][-1][2]:.2f} s under the profiler", flush=True)
+    out = {}
+    for name, rs in runs.items():
+        cats = {c: median([r[0].get(c, 0.0) for r in rs]) for c in {c for r in rs for c in r[0]}}
+        ops = {o: (median([r[1].get(o, (0.0, 0))[0] for r in rs]), rs[0][1].get(o, (0, 0))[1])
+               for o in {o for r in rs for o in r[1]}}
+        out[name] = (cats, ops, median([r[2] for r in rs]))
+    return out
 
 
 def profile_main(args):
@@ -259,38 +315,48 @@ def profile_main(args):
     x32, c32, t = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([500, 500])
     load_before = load_average()
     tables, notes = [], []
+    ov_model = None if args.no_openvino else openvino_model(
+        master, cfg, (x32, t, c32), REPO / args.openvino_cache if args.openvino_cache else None)
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
         sd = {k: v.to(dtype) for k, v in master.items()}
         models = build_models(sd, cfg, extra=False)
         inputs = (x32.to(dtype), t, c32.to(dtype))
-        res = {}
-        for name in ("minidiff", "diffusers"):
-            res[name] = profile_step(models[name], inputs)
-            print(f"{dname} {name}: {res[name][2]:.2f} s under the profiler", flush=True)
+        print(f"{dname}:", flush=True)
+        res = profile_rounds({n: models[n] for n in ("minidiff", "diffusers")}, inputs, args.n)
+        if ov_model is not None:
+            res["OpenVINO"] = openvino_profile(ov_model, OV_HINTS[dname], inputs, args.n)
+        names = list(res)
         cats = [c for c, _, _ in CATEGORIES] + ["other"]
         rows = []
         for c in cats:
             cells = []
-            for name in ("minidiff", "diffusers"):
+            for name in names:
                 total = sum(res[name][0].values())
                 v = res[name][0].get(c, 0.0)
                 cells += [f"{v:.2f}", f"{100 * v / total:.0f}%"]
             rows.append([dname, c, *cells])
-        rows.append([dname, "**total (self time)**", f"{sum(res['minidiff'][0].values()):.2f}", "100%",
-                     f"{sum(res['diffusers'][0].values()):.2f}", "100%"])
-        tables.append(md_table(["dtype", "category", "minidiff s", "share", "diffusers s", "share"], rows))
-        top = res["minidiff"][1][:12]
-        tables.append(md_table(["dtype", "minidiff's top ops (self time)", "s", "calls", "category"],
-                               [[dname, f"`{n}`", f"{s:.3f}", c, category(n)] for n, s, c in top]))
+        rows.append([dname, "**total**", *[x for n in names for x in (f"{sum(res[n][0].values()):.2f}", "100%")]])
+        rows.append([dname, "wall time of the profiled call", *[x for n in names for x in (f"{res[n][2]:.2f}", "")]])
+        tables.append(md_table(["dtype", "category", *[x for n in names for x in (f"{n} s", "share")]], rows))
+        for name in names:
+            top = sorted(((n, s, c) for n, (s, c) in res[name][1].items()), key=lambda o: -o[1])[:10]
+            cat = category if name != "OpenVINO" else (lambda n: next(
+                (c for c, types in OV_CATEGORIES.items() if n.split(" (")[0] in types), "other"))
+            tables.append(md_table(["dtype", f"{name}'s top ops", "s", "calls", "category"],
+                                   [[dname, f"`{n}`", f"{s:.3f}", c, cat(n)] for n, s, c in top]))
         del models, sd
         gc.collect()
     table = "\n\n".join(tables)
     print("\n" + table)
     notes += [
-        "one guided step (batch 2, 64×64×4 latents, 77×768 context), full SD v1.4 U-Net with random weights, each "
-        "model called once to warm up and once under torch.profiler (CPU activities); self time per op, summed per category "
-        "by the op's name (benchmarks/bench_unet_cpu.py CATEGORIES): a custom op's children are counted once",
+        "one guided step (batch 2, 64×64×4 latents, 77×768 context), full SD v1.4 U-Net with random weights; each "
+        f"model called once to warm up, then profiled (torch.profiler, CPU activities) in {args.n} interleaved "
+        "rounds; self time per op summed per category by the op's name (bench_unet_cpu.py CATEGORIES; a custom "
+        "op's children are counted once); medians over the rounds",
+        "OpenVINO: its CPU plugin's own per-node timings (PERF_COUNT, real time) of the converted diffusers U-Net "
+        "(bench_unet_cpu.py OV_CATEGORIES maps node types to the categories; fused nodes count where their main op is)"
+        if ov_model is not None else "OpenVINO: not profiled (not installed, or --no-openvino)",
         "the profiler's own overhead and the machine's load inflate the seconds; the shares are what to read",
     ]
     if not args.no_append:

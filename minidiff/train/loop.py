@@ -118,9 +118,17 @@ def compile_for_training(model, device, cuda_graphs: bool = True):
 
     Inside the compiled graph the kernels layer picks per op (minidiff.kernels.pick): on CUDA our Triton ops (those
     of kernels.compiled_triton_ops()), on the CPU the reference expressions, which inductor fuses into C++ loops."""
+    return torch.compile(model, **training_compile_options(device, cuda_graphs))
+
+
+def training_compile_options(device, cuda_graphs: bool = True) -> dict:
+    """torch.compile's keyword arguments for a training step (compile_for_training; the benchmarks give them to
+    diffusers' U-Net too): speed.compile_options (fullgraph; "reduce-overhead" = CUDA graphs on CUDA) with static
+    shapes: a run's batch and resolution never change, and a second model or shape in the same process (a benchmark,
+    a test) gets its own graph instead of a dynamic-shape one (inductor's CPU code has failed on those)."""
     from ..speed import compile_options
-    mode = None if cuda_graphs else "default"
-    return torch.compile(model, **compile_options(device, mode, fullgraph=True))
+    return {**compile_options(device, None if cuda_graphs else "default", fullgraph=True), "dynamic": False}
 
 
-__all__ = ["TrainingDiverged", "StepResult", "autocast_for", "train_step", "compile_for_training"]
+__all__ = ["TrainingDiverged", "StepResult", "autocast_for", "train_step", "compile_for_training",
+           "training_compile_options"]
