@@ -326,8 +326,8 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
     if ctx.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
-    if cfg.compile:   # forward + backward compiled (CUDA graphs on one CUDA device: see loop.compile_for_training)
-        model = loop.compile_for_training(model, device, cuda_graphs=ctx.world == 1)
+    if cfg.compile:   # forward + backward compiled; CUDA graphs only for one process and one micro-batch per step
+        model = loop.compile_for_training(model, device, cuda_graphs=ctx.world == 1 and cfg.grad_accum == 1)
     end = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, start + cfg.max_steps_this_run)
     read = list(positions(start, end, cfg.batch_size, cfg.grad_accum, ctx.rank, ctx.world))
     loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate, sampler=read,

@@ -113,8 +113,11 @@ def compile_for_training(model, device, cuda_graphs: bool = True):
     and through AOTAutograd of its backward too, by inductor, with `fullgraph=True` (a graph break is an error, not
     a silent slowdown). On CUDA with `cuda_graphs` the compiled forward and backward are captured as CUDA graphs
     (mode "reduce-overhead": each replays as one launch; the shapes must stay the same from step to step, which a
-    run's fixed batch size and resolution make true). Options: minidiff.speed.compile_options, the ones inference
-    compiles with. The parameters stay the module's own: checkpoints, EMA and export see the same tensors.
+    run's fixed batch size and resolution make true). Only for one micro-batch per step and one process: a replay
+    reuses the memory of the previous one's outputs, and a gradient kept across micro-batches (accumulation) is such
+    an output — torch 2.x then fails or accumulates wrong gradients (pytorch/pytorch#169545); DDP's hooks are no
+    graph either. Options: training_compile_options. The parameters stay the module's own: checkpoints, EMA and
+    export see the same tensors.
 
     Inside the compiled graph the kernels layer picks per op (minidiff.kernels.pick): on CUDA our Triton ops (those
     of kernels.compiled_triton_ops()), on the CPU the reference expressions, which inductor fuses into C++ loops."""
