@@ -27,8 +27,9 @@ A Triton op is kept only where it beats that; `set_compiled_triton_ops` names th
 Until a GPU run has measured them (docs/benchmarks.md) all four stay on.
 
 All three compute the same function; the differences are rounding (tests/test_speed.py states the tolerance per
-dtype). Attention is the one hot operation that lives in its chapter (minidiff.nn.attention.attention, with its own
-switch `set_attention_impl`): torch's fused SDPA kernel is the fast path there.
+dtype). Attention lives in its chapter (minidiff.nn.attention.attention, with its own switch `set_attention_impl`):
+torch's fused SDPA kernel is its fast path, except for long sequences in CPU inference, where `attention` below runs
+it as oneDNN matmuls (faster there: kernels/onednn.py).
 
     from minidiff import kernels
     with kernels.use("reference"):   # run the chapters' expressions exactly
@@ -162,6 +163,16 @@ def layer_norm(x, weight, bias, eps: float):
     return reference.layer_norm(x, weight, bias, eps)
 
 
+def attention(q, k, v, mask=None, causal: bool = False):
+    """softmax(QKᵀ/√d + mask) V by the fastest kernel for the call: q [B, h, L, d], k, v [B, h, S, d] -> [B, h, L, d].
+    torch's fused SDPA kernel (flash / memory-efficient), or on the CPU at inference for long sequences oneDNN's
+    matmuls (onednn.attention)."""
+    if _backend != "reference" and not torch.compiler.is_compiling() and onednn.attention_applies(q, k, v, mask,
+                                                                                                   causal):
+        return onednn.attention(q, k, v)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
 # ------------------------------------------------------------------------------------------------ stacked weights
 _STACKED: dict[tuple, tuple] = {}   # ids of the layers -> (key, weight, bias)
 
@@ -195,6 +206,6 @@ def stacked(*layers) -> tuple:
     return entry[1], entry[2]
 
 
-__all__ = ["linear", "geglu", "conv2d", "group_norm", "layer_norm", "can_stack", "stacked", "pick", "use",
+__all__ = ["linear", "geglu", "conv2d", "group_norm", "layer_norm", "attention", "can_stack", "stacked", "pick", "use",
            "set_backend", "get_backend", "set_compiled_triton_ops", "compiled_triton_ops", "BACKENDS", "TRITON",
            "TRITON_OPS"]
