@@ -2,21 +2,15 @@
 download): open, edit a caption, Enter, navigate with the keyboard, reload, filter — checking both the page and
 metadata.jsonl on disk. `make setup` installs chromium; the test skips only when it truly cannot be had."""
 import json
-import os
-import shutil
 
 import pytest
 from PIL import Image
 
 from minidiff.annotate import serve
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
-CHROMIUM = os.environ.get("MINIDIFF_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no Chromium at {CHROMIUM}: `make setup` installs Debian's chromium (needs apt-get and root)",
-                allow_module_level=True)
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from browser import ARGS, require_chromium  # tests/browser.py
+
+sync_api, CHROMIUM = require_chromium()
 expect = sync_api.expect
 
 

@@ -5,8 +5,6 @@ AUTOMATIC1111 infotext and see the fields filled — and the page never asks any
 import base64
 import io
 import json
-import os
-import shutil
 import socket
 import threading
 import time
@@ -15,14 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+from browser import ARGS, require_chromium  # tests/browser.py
+
+sync_api, CHROMIUM = require_chromium()
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install -e '.[test]')")
-CHROMIUM = os.environ.get("MINIDIFF_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no Chromium at {CHROMIUM}: `make setup` installs Debian's chromium (needs apt-get and root)",
-                allow_module_level=True)
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 expect = sync_api.expect
 
 from minidiff import infotext  # noqa: E402
