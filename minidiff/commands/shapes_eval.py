@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..shapes_eval import EVAL, evaluate, format_report, save_grid
+from . import SCHEDULER_HELP, scheduler_name
 
 
 def main(argv=None) -> int:
@@ -14,7 +15,8 @@ def main(argv=None) -> int:
                                 description="Generate 8 seeds × 18 prompts and judge them with the pixel detector.")
     p.add_argument("--model", default=None, help="a diffusers folder (default: the committed weights/minidiff-shapes)")
     p.add_argument("--steps", type=int, default=EVAL["steps"])
-    p.add_argument("--scheduler", default=EVAL["scheduler"])
+    p.add_argument("--scheduler", default=EVAL["scheduler"], type=scheduler_name, metavar="NAME",
+                   help=f"the sampler: {SCHEDULER_HELP}")
     p.add_argument("--guidance", type=float, default=EVAL["guidance_scale"])
     p.add_argument("--seeds", type=int, default=len(EVAL["seeds"]), help="seeds 0..N-1 per prompt")
     p.add_argument("--grid", default=None, help="write the images as a PNG grid (one row per prompt)")
