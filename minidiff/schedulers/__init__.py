@@ -15,7 +15,7 @@ Every scheduler reads a diffusers scheduler_config.json dict and reproduces the 
     euler_a.py  Euler ancestral (k-diffusion)                            lms.py    linear multistep on σ (k-diffusion)
     heun.py   Heun, 2nd order (Karras et al. 2022, Alg. 1)               dpm2.py   DPM2, the midpoint method on σ
     dpm2_a.py DPM2 ancestral (k-diffusion)                               dpmpp_sde.py  DPM-Solver++(2M) SDE
-    unipc.py  UniPC predictor-corrector (Zhao et al. 2023)               lcm.py    latent consistency models (Luo et al.)
+    unipc.py  UniPC predictor-corrector (Zhao et al. 2023)               lcm.py    latent consistency (Luo et al. 2023)
     names.py  the names users know (AUTOMATIC1111's, diffusers' classes) -> minidiff's
 """
 from __future__ import annotations

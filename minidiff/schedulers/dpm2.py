@@ -8,9 +8,10 @@ Notation (code -> symbol), as in euler.py and heun.py:
 Heun averages the slopes at both ends of a step; the midpoint method uses the slope in the middle instead:
     x_mid   = x_k + (σ_mid - σ_k) · d(x_k; σ_k)              first call: half a step (in log σ) with Euler
     x_{k+1} = x_k + (σ_{k+1} - σ_k) · d(x_mid; σ_mid)         second call: the whole step on the midpoint's slope
-Also 2nd order for two network calls per step. The midpoint is taken in log σ because the ODE is smoother there
-(DPM-Solver's insight: in λ = -log σ the linear part of the ODE is solved exactly). The last step (to σ = 0) has no
-midpoint and is a plain Euler step, so n steps cost 2n - 1 calls. The timesteps list has each midpoint's (fractional)
+Also 2nd order for two network calls per step. The midpoint is the geometric mean of the step's ends, the middle in
+log σ: a schedule's σ's are spread roughly evenly in log σ, so that is the middle of the step as the sampler walks
+it (and, as λ = -log σ here, DPM-Solver-2's midpoint in half-log-SNR). The last step (to σ = 0) has no midpoint and
+is a plain Euler step, so n steps cost 2n - 1 calls. The timesteps list has each midpoint's (fractional)
 t between the steps': t_0, t_mid 0, t_1, t_mid 1, ..., t_{n-1}; call j works at σ_{(j+1)//2} for add_noise.
 """
 from __future__ import annotations

@@ -38,7 +38,8 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              noise: torch.Tensor | None = None) -> torch.Tensor:
         """One network call: x_k -> x_mid, or x_mid -> x_{k+1} with fresh noise (see the top).
-        [B, C, H, W] -> [B, C, H, W]. noise: z of the second call (drawn from `generator` as diffusers does when None)."""
+        [B, C, H, W] -> [B, C, H, W]. noise: z of the second call (drawn from `generator` as diffusers does when
+        None)."""
         if self._step_index is None:
             self._init_step_index(timestep)
         k = self._step_index // 2

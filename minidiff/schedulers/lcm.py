@@ -103,16 +103,16 @@ class LCMScheduler(Scheduler):
         model_output, sample: [B, C, H, W]; timestep: an int or a LongTensor [B] (one t per sample, as in
         distillation) -> [B, C, H, W]."""
         t = torch.as_tensor(timestep, device=self.alphas_cumprod.device)
-        alpha_prod_t = per_sample(self.alphas_cumprod[t].to(sample.device), sample.ndim) if t.ndim else \
-            self.alphas_cumprod[t]
+        alpha_prod_t = self.alphas_cumprod[t]                                       # ᾱ_t: a scalar, or [B]
+        c_skip, c_out = consistency_scalings(t, self.sigma_data, self._settings["timestep_scaling"])
+        if t.ndim:  # one t per sample: [B] -> [B, 1, 1, 1]
+            alpha_prod_t, c_skip, c_out = (per_sample(v, sample.ndim) for v in (alpha_prod_t, c_skip, c_out))
+        alpha_prod_t, c_skip, c_out = (v.to(sample.device) for v in (alpha_prod_t, c_skip, c_out))
         pred_original_sample, _ = self._x0_and_eps(model_output, sample, alpha_prod_t)
         if self._settings["clip_sample"]:
             r = self._settings["clip_sample_range"]
             pred_original_sample = pred_original_sample.clamp(-r, r)
-        c_skip, c_out = consistency_scalings(t, self.sigma_data, self._settings["timestep_scaling"])
-        if t.ndim:
-            c_skip, c_out = per_sample(c_skip, sample.ndim), per_sample(c_out, sample.ndim)
-        return c_out.to(sample.device) * pred_original_sample + c_skip.to(sample.device) * sample
+        return c_out * pred_original_sample + c_skip * sample
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              noise: torch.Tensor | None = None) -> torch.Tensor:

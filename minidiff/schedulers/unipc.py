@@ -48,7 +48,8 @@ class UniPCMultistepScheduler(Scheduler):
     def __init__(self, **settings):
         super().__init__(**settings)
         if self._settings["solver_order"] < 1:
-            raise ValueError(f"UniPCMultistepScheduler: solver_order must be >= 1, got {self._settings['solver_order']}")
+            raise ValueError(f"UniPCMultistepScheduler: solver_order must be >= 1, got "
+                             f"{self._settings['solver_order']}")
         if self._settings["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = 2 ** -24  # keep σ_T finite
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5     # σ_VE(t), t = 0..T-1
@@ -127,7 +128,7 @@ class UniPCMultistepScheduler(Scheduler):
         return (sample - alpha_t * model_output) / sigma_t
 
     def _coefficients(self, t: int, s0: int, order: int):
-        """For the step sigmas[s0] -> sigmas[t]: h, h·φ_1, B(h) and the r_k, b_m of R a = b (see the top).
+        """For the step sigmas[s0] -> sigmas[t]: h·φ_1(h), B(h), the r_k, and R and b of R a = b (see the top).
         The history points s_k (k = 1..order-1) are s0 - k; x_θ(s_k) is model_outputs[-(k+1)]."""
         _, _, lambda_s0 = self._alpha_sigma_lambda(s0)
         _, _, lambda_t = self._alpha_sigma_lambda(t)
@@ -140,7 +141,7 @@ class UniPCMultistepScheduler(Scheduler):
         for m in range(1, order + 1):
             b.append(h_phi_k * math.factorial(m) / B_h)
             h_phi_k = h_phi_k / hh - 1 / math.factorial(m + 1)
-        R = torch.stack([torch.stack(rks) ** (m - 1) for m in range(1, order + 1)])  # [order, order]: R[m-1, k] = r_k^{m-1}
+        R = torch.stack([torch.stack(rks) ** (m - 1) for m in range(1, order + 1)])  # [order, order]: r_k^{m-1}
         return h_phi_1, B_h, rks, R, torch.stack(b)
 
     def _exponential_step(self, x, x_model, t: int, s0: int, h_phi_1):
