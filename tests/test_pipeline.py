@@ -115,6 +115,25 @@ def test_bad_arguments(pipes):
         pipe.generate("x", scheduler="dpm_fast", steps=1, progress=False)
 
 
+def test_model_folders_naming_the_new_samplers_load_them(pipes, tmp_path):
+    """A diffusers folder whose scheduler_config.json (as diffusers writes it) names HeunDiscreteScheduler, ...,
+    LCMScheduler, or DPMSolverMultistepScheduler with algorithm_type "sde-dpmsolver++", samples with that sampler by
+    default: no warning, no fallback to PNDM."""
+    import shutil
+    import warnings
+    pipe, dpipe = pipes
+    folder = shutil.copytree(dpipe.name_or_path, tmp_path / "sd")
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    for name in ("heun", "dpm2", "dpm2_a", "dpmpp_sde", "unipc", "lcm"):
+        sched_file.write_text(diffusers_scheduler(name, pipe.scheduler_config).to_json_string())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = minidiff.load(folder)
+            sched = model.make_scheduler()
+        assert type(sched) is type(pipe.make_scheduler(name)), name
+        assert sched.config["beta_schedule"] == "scaled_linear"
+
+
 def test_default_scheduler_is_the_models_own(pipes):
     """scheduler=None takes the class the model's scheduler_config.json names, as diffusers' pipelines do."""
     import dataclasses
