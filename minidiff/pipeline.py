@@ -93,9 +93,9 @@ class StableDiffusion:
         return self
 
     def make_scheduler(self, name: str | None = None):
-        """A fresh scheduler of the given kind (a name of minidiff.schedulers.SCHEDULER_NAMES, any case) on this
-        model's schedule; None: the kind its scheduler_config.json names (PNDM for SD v1.4), as diffusers' pipelines
-        do (with a warning when it names a class minidiff lacks)."""
+        """A fresh scheduler of the given kind (any name minidiff.schedulers.resolve accepts: minidiff's or
+        AUTOMATIC1111's, any case) on this model's schedule; None: the kind its scheduler_config.json names (PNDM for
+        SD v1.4), as diffusers' pipelines do (with a warning when it names a class minidiff lacks)."""
         return make_scheduler(name or scheduler_name(self.scheduler_config), self.scheduler_config)
 
     def load_embedding(self, path, token: str | None = None) -> list[str]:
@@ -125,9 +125,12 @@ class StableDiffusion:
         prompt: a string or a list of B strings (longer than 75 tokens: encoded in chunks; "(word:1.3)", "(word)",
         "[word]" weight words, see minidiff.prompts); negative_prompt: None (= ""), a string, or B strings.
         prompt_embeds / negative_prompt_embeds: contexts [B, L, d] given instead of the strings (as diffusers).
-        scheduler: one of minidiff.schedulers.SCHEDULER_NAMES ("pndm", "ddim", "ddpm", "euler", "euler_a", "lms",
-        "dpmpp", and "euler_karras", "lms_karras", "dpmpp_karras"), any case; None = the model's own (its
-        scheduler_config's class: "pndm" for SD v1.4, "ddim" for the embedded shapes model).
+        scheduler: a sampler name, any case: minidiff's (minidiff.schedulers.SCHEDULER_NAMES: "pndm", "ddim",
+        "ddpm", "euler", "euler_a", "lms", "heun", "dpm2", "dpm2_a", "dpmpp", "dpmpp_sde", "unipc", "lcm", and
+        "<name>_karras" for Karras σ's where diffusers offers them) or AUTOMATIC1111's ("DPM++ 2M Karras", "Euler a",
+        "UniPC", ...: minidiff.schedulers.A1111_NAMES); None = the model's own (its scheduler_config's class: "pndm"
+        for SD v1.4, "ddim" for the embedded shapes model). "lcm" is for LCM models and LCM-LoRAs, with
+        guidance_scale=1 and 2-8 steps.
         seed / generator: where every random number comes from, drawn in diffusers' order (VAE posterior sample of
         `image`, then the noise, then the masked image's posterior, then the samplers' own draws).
         latents: explicit unit-variance noise [B·num_images, 4, H/8, W/8] instead of drawing it: scaled by the
@@ -358,13 +361,14 @@ class Start:
 def strength_timesteps(sched, steps: int, strength: float) -> torch.Tensor:
     """The timesteps image to image runs (diffusers' get_timesteps): the last int(steps·strength) of `steps`.
 
-    t_start = steps - int(steps·strength) entries are cut from the top of sched.timesteps, and samplers that keep a
-    step index start at entry t_start (set_begin_index). The cut is made in sched.timesteps itself, so PNDM, whose
-    list holds one timestep twice (the Heun start, n + 1 entries), keeps one more entry than `steps - t_start` and
-    runs its warm-up on the first two of them, exactly as diffusers does. Every minidiff sampler has order 1."""
+    t_start = steps - int(steps·strength) steps are cut from the top of sched.timesteps: t_start · order entries, as
+    a 2nd-order sampler (Heun, DPM2: order 2) lists each step's timestep once per network call. Samplers that keep a
+    step index start at that entry (set_begin_index). The cut is made in sched.timesteps itself, so PNDM, whose
+    list holds one timestep twice (the Heun start, n + 1 entries, order 1), keeps one more entry than
+    `steps - t_start` and runs its warm-up on the first two of them, exactly as diffusers does."""
     t_start = steps - min(int(steps * strength), steps)
-    sched.set_begin_index(t_start)
-    return sched.timesteps[t_start:]
+    sched.set_begin_index(t_start * sched.order)
+    return sched.timesteps[t_start * sched.order:]
 
 
 def _check_strength(strength, steps):

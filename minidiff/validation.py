@@ -16,7 +16,7 @@ import numbers
 
 import torch
 
-from .schedulers import SCHEDULER_NAMES
+from .schedulers import known_names, resolve
 
 SEED_MAX = 2 ** 64 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; negatives alias big seeds, so: >= 0
 
@@ -104,11 +104,13 @@ def check_generate_args(pipe, *, prompt, negative_prompt=None, steps=50, guidanc
     max_steps = T - (offset if _is_int(offset) else 0)  # "leading" spacing adds the offset: t = T would not exist
     _int("steps", steps, 1, max_steps)
     _real("guidance_scale", guidance_scale, lo=0)
-    if scheduler is not None:
+    if scheduler is not None:  # minidiff's sampler names or AUTOMATIC1111's (minidiff.schedulers.names)
         if not isinstance(scheduler, str):
-            raise TypeError(f"scheduler must be None or one of {', '.join(SCHEDULER_NAMES)}, got {show(scheduler)}")
-        if scheduler.lower() not in SCHEDULER_NAMES:
-            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_NAMES)} (any case), got {scheduler!r}")
+            raise TypeError(f"scheduler must be None or one of {known_names()}, got {show(scheduler)}")
+        try:
+            resolve(scheduler)
+        except ValueError:
+            raise ValueError(f"scheduler must be one of {known_names()} (any case), got {scheduler!r}") from None
     if seed is not None:
         _int("seed", seed, 0, SEED_MAX)
         if generator is not None:

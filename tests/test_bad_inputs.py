@@ -10,6 +10,7 @@ docs/promises.md quotes the counts; test_matrix_counts keeps them honest.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,11 @@ from minidiff.checkpoint import DEFAULT_MODEL
 from minidiff.validation import NonFiniteError
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEDULER_LIST = "ddim, ddpm, dpmpp, dpmpp_karras, euler, euler_a, euler_karras, lms, lms_karras, pndm"
+SCHEDULER_LIST = re.escape(
+    "ddim, ddpm, dpm2, dpm2_a, dpm2_a_karras, dpm2_karras, dpmpp, dpmpp_karras, dpmpp_sde, dpmpp_sde_karras, euler, "
+    "euler_a, euler_karras, heun, heun_karras, lcm, lms, lms_karras, pndm, unipc, unipc_karras, or an AUTOMATIC1111 "
+    "name: Euler a, Euler, LMS, Heun, DPM2, DPM2 a, DPM++ 2M, DPM++ 2M SDE, DDIM, PLMS, UniPC, LCM (+ ' Karras' for "
+    "Euler, LMS, Heun, DPM2, DPM2 a, DPM++ 2M, DPM++ 2M SDE, UniPC)")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +76,10 @@ GENERATE_CASES = [
     (dict(guidance_scale=None), TypeError, r"guidance_scale must be a finite number >= 0, got None"),
     (dict(guidance_scale=torch.tensor([1.0, 2.0])), TypeError, r"guidance_scale must be a finite number"),
     # scheduler
-    (dict(scheduler="heun"), ValueError, rf"scheduler must be one of {SCHEDULER_LIST} \(any case\), got 'heun'"),
+    (dict(scheduler="dpm fast"), ValueError, rf"scheduler must be one of {SCHEDULER_LIST} \(any case\), got 'dpm "
+                                             r"fast'"),
+    (dict(scheduler="Euler a Karras"), ValueError, rf"scheduler must be one of {SCHEDULER_LIST} \(any case\), got "
+                                                   r"'Euler a Karras'"),   # diffusers' Euler a has no Karras σ's
     (dict(scheduler=""), ValueError, rf"scheduler must be one of {SCHEDULER_LIST} \(any case\), got ''"),
     (dict(scheduler=3), TypeError, rf"scheduler must be None or one of {SCHEDULER_LIST}, got 3"),
     # seed / generator
@@ -135,6 +143,7 @@ def test_edges_that_are_allowed(pipe):
     ref = run(pipe, output="tensor")
     torch.testing.assert_close(run(pipe, scheduler="DDIM", output="tensor"), ref, rtol=0, atol=0)
     torch.testing.assert_close(run(pipe, scheduler="Ddim", output="tensor"), ref, rtol=0, atol=0)
+    torch.testing.assert_close(run(pipe, scheduler="DDIM ", output="tensor"), ref, rtol=0, atol=0)  # A1111's label
     assert run(pipe, steps=1, output="tensor").shape == (1, 3, 32, 32)
     assert run(pipe, seed=2 ** 64 - 1, output="tensor").shape == (1, 3, 32, 32)
     assert run(pipe, guidance_scale=0, output="tensor").shape == (1, 3, 32, 32)
@@ -159,7 +168,7 @@ def test_huge_guidance_raises_naming_the_step(pipe):
         run(pipe, steps=3, guidance_scale=1e38)
 
 
-@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "ddpm", "euler", "dpmpp"])
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "ddpm", "euler", "dpmpp", "heun", "dpmpp_sde", "lcm"])
 def test_nan_weights_raise_with_every_scheduler(pipe, scheduler):
     bad = minidiff.load()  # a fresh copy: the shared `pipe` must keep its weights
     with torch.no_grad():

@@ -5,13 +5,32 @@ import pytest
 from PIL import Image
 
 import minidiff
+from minidiff import commands
 from minidiff.cli import main
-from minidiff.commands import generate as cmd
 from minidiff.schedulers import SCHEDULER_NAMES
 
 
 def test_scheduler_choices_are_the_library_names():
-    assert list(cmd.SCHEDULERS) == SCHEDULER_NAMES
+    assert list(commands.SCHEDULERS) == SCHEDULER_NAMES
+
+
+def test_cli_takes_a1111_sampler_names(tmp_path):
+    """--scheduler "DPM++ 2M Karras" (any case) draws what scheduler="dpmpp_karras" draws; an unknown name is a
+    usage error listing the names, before any model is loaded."""
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle", "--steps", "3", "--seed", "0", "--scheduler", "dpm++ 2m KARRAS",
+                 "--upscale", "1", "--out", str(out)]) == 0
+    expected = minidiff.load().generate("a red circle", steps=3, seed=0, scheduler="dpmpp_karras", progress=False)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+
+
+def test_cli_unknown_sampler_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "x", "--scheduler", "DPM fast"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --scheduler: unknown sampler 'DPM fast'; choose one of ddim, ddpm, dpm2," in err
+    assert "or an AUTOMATIC1111 name: Euler a, Euler, LMS, Heun" in err
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import minidiff
-from minidiff.schedulers import SCHEDULER_NAMES, SCHEDULERS, make_scheduler
-from sd_fixtures import compvis_state_dict, make_diffusers_pipe, write_diffusers
+from minidiff.schedulers import SCHEDULER_NAMES, SCHEDULERS
+from sd_fixtures import compvis_state_dict, diffusers_scheduler, make_diffusers_pipe, write_diffusers
 
 diffusers.utils.logging.set_verbosity_error()
 TOL = dict(rtol=0, atol=2e-3)
@@ -42,9 +42,7 @@ def reference(cls_name, folder, scheduler):
     pipe = getattr(diffusers, cls_name).from_pretrained(str(folder), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
-    ours = make_scheduler(scheduler, config)
-    karras = {"use_karras_sigmas": True} if scheduler.endswith("_karras") else {}
-    pipe.scheduler = getattr(diffusers, ours.class_name).from_config({**config, **karras})
+    pipe.scheduler = diffusers_scheduler(scheduler, config)
     return pipe
 
 
@@ -62,7 +60,12 @@ def box_mask(h=H, w=W):
 
 
 # ----------------------------------------------------------------------------------------------- image to image
-@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+# every sampler; the Karras σ's of the newer ones are left to tests/test_schedulers.py (mid-schedule starts)
+IMG2IMG_SCHEDULERS = [n for n in SCHEDULER_NAMES if n not in ("heun_karras", "dpm2_karras", "dpm2_a_karras",
+                                                              "dpmpp_sde_karras", "unipc_karras")]
+
+
+@pytest.mark.parametrize("scheduler", IMG2IMG_SCHEDULERS)
 def test_img2img_matches_diffusers(sd, scheduler):
     pipe, folder = sd
     ref_pipe = reference("StableDiffusionImg2ImgPipeline", folder, scheduler)
@@ -91,6 +94,26 @@ def test_img2img_strength_rule_with_pndm_matches_diffusers(sd, strength, steps):
     sched = pipe.make_scheduler("pndm")
     sched.set_timesteps(steps)
     assert seen == sched.timesteps[steps - int(steps * strength):].tolist()
+
+
+@pytest.mark.parametrize("strength,steps", [(1.0, 4), (0.15, 10), (0.5, 7)], ids=["full", "one-step", "odd"])
+def test_img2img_second_order_cuts_whole_steps(sd, strength, steps, scheduler="heun"):
+    """Two U-Net calls per step: t_start · 2 entries are cut (diffusers' get_timesteps: t_start · order), so the
+    last int(steps·strength) steps run with 2 calls each but the final one."""
+    pipe, folder = sd
+    ref_pipe = reference("StableDiffusionImg2ImgPipeline", folder, scheduler)
+    image = rand_image(3)
+    ref = ref_pipe("a red circle", image=image, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
+                   generator=torch.Generator().manual_seed(0), output_type="pt").images
+    seen = []
+    ours = pipe.generate("a red circle", image=image, strength=strength, steps=steps, guidance_scale=5.0,
+                         scheduler=scheduler, seed=0, output="tensor", progress=False,
+                         callback=lambda i, t, z: seen.append(float(t)))
+    torch.testing.assert_close(ours, ref, **TOL)
+    sched = pipe.make_scheduler(scheduler)
+    sched.set_timesteps(steps)
+    assert seen == sched.timesteps[2 * (steps - int(steps * strength)):].tolist()
+    assert len(seen) == 2 * int(steps * strength) - 1
 
 
 def test_img2img_pil_input_batches_and_sizes(sd):
@@ -122,7 +145,8 @@ def test_img2img_one_image_per_prompt_matches_diffusers(sd):
 
 
 # --------------------------------------------------------------------------------------------------- inpainting
-@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "ddpm", "euler", "euler_a", "lms", "dpmpp", "dpmpp_karras"])
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "ddpm", "euler", "euler_a", "lms", "dpmpp", "dpmpp_karras",
+                                       "heun", "dpm2_a", "lcm"])
 @pytest.mark.parametrize("strength", [1.0, 0.7])
 def test_inpaint_4_channel_matches_diffusers(sd, scheduler, strength):
     """SD v1.4's own U-Net: the known region is put back (noised to the next step's level) after every step."""
@@ -306,8 +330,8 @@ def test_bad_image_arguments(sd, sd9):
 
 def test_scheduler_names_at_the_door(sd):
     pipe, _ = sd
-    with pytest.raises(ValueError, match="scheduler must be one of ddim, ddpm, dpmpp, dpmpp_karras"):
-        pipe.generate("x", scheduler="heun", steps=1, progress=False)
+    with pytest.raises(ValueError, match="scheduler must be one of ddim, ddpm, dpm2, dpm2_a"):
+        pipe.generate("x", scheduler="dpm fast", steps=1, progress=False)
     a = pipe.generate("x", scheduler="Euler_A", steps=2, seed=0, output="tensor", progress=False)
     b = pipe.generate("x", scheduler="euler_a", steps=2, seed=0, output="tensor", progress=False)
     assert torch.equal(a, b)

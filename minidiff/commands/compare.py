@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..compare import compare, read_prompts
-from . import SCHEDULERS
+from . import SCHEDULER_HELP, scheduler_name
 from ..files import atomic_write
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="compare.png", help="output PNG (default: compare.png)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default: 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    p.add_argument("--scheduler", default=None, type=str.lower, choices=SCHEDULERS, metavar="NAME",
-                   help=f"sampler, one of {', '.join(SCHEDULERS)} (default: the model's own, from its scheduler_config.json: "
+    p.add_argument("--scheduler", default=None, type=scheduler_name, metavar="NAME",
+                   help=f"sampler, {SCHEDULER_HELP} (default: the model's own, from its scheduler_config.json: "
                         "PNDM for SD v1)")
     p.add_argument("--negative", default=None, help="negative prompt for every image")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")

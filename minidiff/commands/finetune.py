@@ -12,7 +12,7 @@ from ..train.loop import TrainingDiverged
 from ..train.optim import LR_SCHEDULES
 from ..train.reports import REPORT_TO
 from ..train.trainable import TRAIN_MODES
-from . import SCHEDULERS
+from . import SCHEDULER_HELP, scheduler_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,8 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--validation-seeds", default=S, help="comma-separated seeds (default: 0)")
     opt("--validation-steps", type=int, help="sampler steps of the validation images (0 = no validation)")
     opt("--validation-guidance", type=float, help="guidance scale of the validation images")
-    opt("--validation-scheduler", type=str.lower, choices=SCHEDULERS, metavar="NAME",
-        help="validation sampler (none: the model's own, PNDM for SD v1)")
+    opt("--validation-scheduler", type=scheduler_name, metavar="NAME",
+        help=f"validation sampler, {SCHEDULER_HELP} (none: the model's own, PNDM for SD v1)")
     opt("--resume", action="store_true", help="continue from the last checkpoint in --output up to --steps")
     opt("--export-compvis", action="store_true", help="also write OUT/model.safetensors in the CompVis layout")
     opt("--max-steps-this-run", type=int,

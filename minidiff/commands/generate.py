@@ -8,7 +8,7 @@ import random
 import sys
 from pathlib import Path
 
-from . import SCHEDULERS
+from . import SCHEDULER_HELP, scheduler_name
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -21,9 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--scheduler", default=None, type=str.lower, choices=SCHEDULERS, metavar="NAME",
-                   help=f"one of {', '.join(SCHEDULERS)} (any case); default: the model's own (pndm for SD v1.4, "
-                        "ddim for the embedded model)")
+    p.add_argument("--scheduler", default=None, type=scheduler_name, metavar="NAME",
+                   help=f"the sampler: {SCHEDULER_HELP}; default: the model's own (pndm for SD v1.4, ddim for the "
+                        "embedded model)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--height", type=int, default=None)

@@ -8,14 +8,14 @@ import sys
 
 from ..files import atomic_write
 from ..shapes_eval import EVAL, evaluate, format_report, samples_grid
-from . import SCHEDULERS
+from . import SCHEDULER_HELP, scheduler_name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a diffusers folder (default: the committed weights/minidiff-shapes)")
     p.add_argument("--steps", type=int, default=EVAL["steps"], help="sampler steps")
-    p.add_argument("--scheduler", default=EVAL["scheduler"], type=str.lower, choices=SCHEDULERS, metavar="NAME",
-                   help="sampler: " + ", ".join(SCHEDULERS))
+    p.add_argument("--scheduler", default=EVAL["scheduler"], type=scheduler_name, metavar="NAME",
+                   help=f"the sampler: {SCHEDULER_HELP}")
     p.add_argument("--guidance", type=float, default=EVAL["guidance_scale"], help="classifier-free guidance scale")
     p.add_argument("--seeds", type=int, default=len(EVAL["seeds"]), help="seeds 0..N-1 per prompt")
     p.add_argument("--grid", default=None, help="write the images as a PNG grid (one row per prompt)")
