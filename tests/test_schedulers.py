@@ -692,3 +692,14 @@ def test_bad_values_raise():
         make_scheduler("ddim", {**SD, "timestep_spacing": "sideways"})
     with pytest.raises(NotImplementedError, match="beta_schedule"):
         make_scheduler("ddpm", {**SD, "beta_schedule": "exotic"})
+
+
+def test_a1111_label_is_resolves_inverse():
+    """The label an infotext writes for each sampler reads back as that sampler (AUTOMATIC1111's own spellings)."""
+    from minidiff.schedulers import a1111_label
+    assert a1111_label("dpmpp_karras") == "DPM++ 2M Karras" and a1111_label("euler_a") == "Euler a"
+    assert a1111_label("pndm") == "PLMS" and a1111_label("ddpm") == "ddpm"   # AUTOMATIC1111 has no DDPM
+    for name in SCHEDULER_NAMES:
+        assert resolve(a1111_label(name)) == name
+    with pytest.raises(ValueError, match="not a minidiff sampler name"):
+        a1111_label("DPM++ 2M")

@@ -108,13 +108,12 @@ def infotexts(args, pipe, images) -> list[str]:
     """AUTOMATIC1111's `parameters` text of each image (minidiff.infotext), written into the PNG: the settings that
     make it again, the size the model drew (before --upscale)."""
     from minidiff import infotext
-    from minidiff.schedulers import scheduler_name
-    from minidiff.serve.a1111 import a1111_name
+    from minidiff.schedulers import a1111_label, scheduler_name
     from minidiff.checkpoint import DEFAULT_MODEL
 
     model = Path(args.model) if args.model else DEFAULT_MODEL
     sha = infotext.model_hash(model)
-    sampler = a1111_name((args.scheduler or scheduler_name(pipe.scheduler_config)).lower())
+    sampler = a1111_label(args.scheduler or scheduler_name(pipe.scheduler_config))
     n = len(images)
     return [infotext.format(args.prompt, args.negative or "", steps=args.steps, sampler_name=sampler,
                             cfg_scale=args.guidance, seed=args.seed, width=image.width, height=image.height,

@@ -35,7 +35,7 @@ from .heun import HeunDiscreteScheduler
 from .lcm import LCMScheduler, consistency_scalings, lcm_timesteps
 from .lms import LMSDiscreteScheduler
 from .names import (A1111_ALIASES, A1111_NAMES, A1111_SCHEDULE_TYPES, DIFFUSERS_CLASSES, KARRAS, SAMPLERS,
-                    SCHEDULER_NAMES, known_names, resolve, split_karras)
+                    SCHEDULER_NAMES, a1111_label, known_names, resolve, split_karras)
 from .pndm import PNDMScheduler
 from .unipc import UniPCMultistepScheduler
 
@@ -77,7 +77,7 @@ def scheduler_name(config: dict | None) -> str:
     return "pndm"
 
 
-__all__ = ["A1111_ALIASES", "A1111_NAMES", "A1111_SCHEDULE_TYPES", "DDIMScheduler", "DDPMScheduler",
+__all__ = ["a1111_label", "A1111_ALIASES", "A1111_NAMES", "A1111_SCHEDULE_TYPES", "DDIMScheduler", "DDPMScheduler",
            "DIFFUSERS_CLASSES", "DPMSolverMultistepSDEScheduler", "DPMSolverMultistepScheduler",
            "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler", "KARRAS",
            "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler",

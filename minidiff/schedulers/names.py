@@ -95,6 +95,17 @@ def resolve(name: str, schedule_type: str | None = None) -> str:
     return found
 
 
+def a1111_label(name: str) -> str:
+    """A minidiff name -> the label AUTOMATIC1111 writes for it (its infotexts, /sdapi/v1/samplers):
+    "dpmpp_karras" -> "DPM++ 2M Karras", "euler_a" -> "Euler a". The inverse of resolve on minidiff's names; a sampler
+    AUTOMATIC1111 lacks (DDPM) keeps its minidiff name, which resolve reads back."""
+    if name not in SCHEDULER_NAMES:
+        raise ValueError(f"{name!r} is not a minidiff sampler name; choose one of {', '.join(SCHEDULER_NAMES)}")
+    base, karras = split_karras(name)
+    label = next((k for k, v in A1111_NAMES.items() if v == base), None)
+    return name if label is None else label + (" Karras" if karras else "")
+
+
 def split_karras(name: str) -> tuple[str, bool]:
     """A minidiff name -> (the sampler's name, whether it runs on Karras σ's): "dpmpp_karras" -> ("dpmpp", True)."""
     if name.endswith("_karras") and name[:-len("_karras")] in KARRAS:
@@ -103,4 +114,4 @@ def split_karras(name: str) -> tuple[str, bool]:
 
 
 __all__ = ["A1111_ALIASES", "A1111_NAMES", "A1111_SCHEDULE_TYPES", "DIFFUSERS_CLASSES", "KARRAS", "SAMPLERS",
-           "SCHEDULER_NAMES", "known_names", "resolve", "split_karras"]
+           "SCHEDULER_NAMES", "a1111_label", "known_names", "resolve", "split_karras"]

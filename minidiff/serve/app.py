@@ -340,13 +340,13 @@ def create_app(models=(None,), embeddings=(), device="cpu", auth: str | None = N
 
     async def config(request):
         ckpt, pipe = server.registry.loaded()
-        from ..schedulers import scheduler_name
+        from ..schedulers import a1111_label, scheduler_name
         f = pipe.vae_scale_factor
         return JSONResponse({
             "model": ckpt.title, "models": [c.title for c in server.registry.checkpoints],
             "width": pipe.unet.config.sample_size * f, "height": pipe.unet.config.sample_size * f, "multiple": f,
-            "sampler": a1111.a1111_name(scheduler_name(pipe.scheduler_config)),
-            "samplers": list(a1111.A1111_SAMPLER_NAMES), "explain": explain_available(),
+            "sampler": a1111_label(scheduler_name(pipe.scheduler_config)),
+            "samplers": a1111.sampler_labels(), "explain": explain_available(),
             "preview": "VAE" if uses_vae(pipe) else "Approx cheap",
             "max_images": a1111.MAX_IMAGES_PER_REQUEST, "max_output_pixels": a1111.MAX_OUTPUT_PIXELS})
 
