@@ -5,7 +5,9 @@
 
 What trains: the whole U-Net, its last N up-blocks (the decoder end, nearest the pixels), LoRA adapters on the
 attention projections (minidiff.lora; optionally the text encoder's too), or a new word (textual inversion). The VAE
-stays frozen throughout; the text encoder too except for its LoRA or the new word's embedding.
+stays frozen throughout; the text encoder too except for its LoRA or the new word's embedding. `--train lcm-lora`
+trains a LoRA with another objective: latent consistency distillation of the model into a 1-8 step sampler
+(consistency.py; the model being tuned is its own teacher).
 
 Exact resumption: every random choice of a sample is drawn from a generator seeded by (seed, the sample's position
 in the stream of samples) (data.py), and a checkpoint holds the model's trained tensors, the optimizer, the LR
@@ -33,7 +35,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import loop, objective
+from . import consistency, loop, objective
+from .consistency import LCM_LOSSES
 from .data import SampleStream, cache_latents, collate, default_validation_prompts, positions
 from .export import export_model
 from .loop import TrainingDiverged
@@ -61,7 +64,7 @@ class FinetuneConfig:
     resolution: int | None = None               # training side in pixels; None = the model's native size
     seed: int = 0
     # what trains
-    train: str = "unet"                         # "unet" | "last-up-blocks" | "lora" | "textual-inversion"
+    train: str = "unet"                         # "unet" | "last-up-blocks" | "lora" | "textual-inversion" | "lcm-lora"
     up_blocks: int = 1                          # with train="last-up-blocks": how many (from the output end)
     lora_rank: int = 4
     lora_alpha: float | None = None             # None = the rank (α/r = 1)
@@ -70,6 +73,13 @@ class FinetuneConfig:
     placeholder_token: str | None = None        # with train="textual-inversion": the new word, e.g. "<pika>"
     initializer_token: str | None = None        # ... a word whose vector it starts from, e.g. "pokemon"
     num_vectors: int = 1                        # ... vectors the new word stands for
+    # latent consistency distillation (train="lcm-lora"; consistency.py)
+    lcm_skip: int = 20                          # k: the teacher's DDIM step t_{n+k} -> t_n in timesteps (grid T/k)
+    lcm_guidance_min: float = 3.0               # the teacher's guidance scale s ~ U[min, max] (generate's
+    lcm_guidance_max: float = 7.0               #   guidance_scale; LCM's ω = s − 1); min = max: fixed
+    lcm_loss: str = "huber"                     # "huber" (pseudo-Huber, c = lcm_huber_c) | "l2"
+    lcm_huber_c: float = 0.001
+    lcm_ema_decay: float = 0.95                 # μ of the target network θ⁻ ← μ θ⁻ + (1 − μ) θ (0: the student)
     # loss
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
@@ -126,6 +136,20 @@ class FinetuneConfig:
                    "--initializer-token (a word it starts from, e.g. 'pokemon')"),
                   (self.num_vectors >= 1, f"num_vectors must be >= 1, got {self.num_vectors}"),
                   (not self.lora_text_encoder or self.train == "lora", "lora_text_encoder needs train='lora'"),
+                  (self.lcm_skip >= 1, f"lcm_skip must be >= 1, got {self.lcm_skip}"),
+                  (1.0 <= self.lcm_guidance_min <= self.lcm_guidance_max,
+                   f"lcm_guidance_min and lcm_guidance_max must satisfy 1 <= min <= max (guidance scales as "
+                   f"generate's guidance_scale; min = max for a fixed one), got {self.lcm_guidance_min} and "
+                   f"{self.lcm_guidance_max}"),
+                  (self.lcm_loss in LCM_LOSSES, f"lcm_loss must be one of {LCM_LOSSES}, got {self.lcm_loss!r}"),
+                  (self.lcm_huber_c > 0, f"lcm_huber_c must be > 0, got {self.lcm_huber_c}"),
+                  (0.0 <= self.lcm_ema_decay < 1.0, f"lcm_ema_decay must be in [0, 1), got {self.lcm_ema_decay}"),
+                  (self.train != "lcm-lora" or not self.ema,
+                   "--ema is not for --train lcm-lora: its EMA is the target network (--lcm-ema-decay), which is "
+                   "also what it exports"),
+                  (self.train != "lcm-lora" or not (self.min_snr_gamma or self.noise_offset),
+                   "--min-snr-gamma and --noise-offset tweak the denoising loss; --train lcm-lora minimises the "
+                   "consistency loss (--lcm-loss) and takes neither"),
                   (self.cache_latents is False or self.center_crop,
                    "cache_latents needs center_crop: a cached latent is one fixed crop (random flips are cached "
                    "both ways)")]
@@ -271,6 +295,9 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
     # ---- the model: everything frozen but what trains; trained tensors in fp32 (autocast does the low precision)
     pipe = load(cfg.model, device=device, dtype=torch.float32)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler_config)
+    if cfg.train == "lcm-lora":          # the distilled model samples with LCM on the distillation's grid: its own
+        lcm_sched = consistency.lcm_scheduler(pipe.scheduler_config, cfg.lcm_skip)   # sampler (validation, export)
+        pipe.scheduler_config = consistency.lcm_scheduler_config(pipe.scheduler_config, cfg.lcm_skip)
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
     alphas_cumprod = noise_sched.alphas_cumprod.to(device)
     unet = pipe.unet
@@ -304,6 +331,8 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
     scheduler = make_lr_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
     scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
     ema = EMA(trainable, cfg.ema_decay, device="cpu" if cfg.ema_on_cpu else None) if cfg.ema else None
+    if cfg.train == "lcm-lora":          # the target network θ⁻: train_step updates it after every optimizer step
+        ema = EMA(trainable, cfg.lcm_ema_decay, device="cpu" if cfg.ema_on_cpu else None)
     autocast = loop.autocast_for(device, cfg.mixed_precision)
 
     # ---- resume
@@ -335,6 +364,13 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
     def loss_fn(batch):
         return objective.micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_type, device,
                                          autocast, cfg.noise_offset, cfg.min_snr_gamma, text_trains)
+
+    if cfg.train == "lcm-lora":
+        def loss_fn(batch):  # noqa: F811  (the consistency distillation loss instead of the denoising one)
+            target = {n: w.to(device) for n, w in ema.shadow.items()}       # θ⁻ (already there unless ema_on_cpu)
+            return consistency.lcm_micro_step_loss(batch, pipe, model, lcm_sched, target, device, autocast,
+                                                   cfg.lcm_skip, (cfg.lcm_guidance_min, cfg.lcm_guidance_max),
+                                                   cfg.lcm_loss, cfg.lcm_huber_c)
 
     val_prompts = cfg.validation_prompts if cfg.validation_prompts is not None else \
         default_validation_prompts(dataset, UNRELATED_PROMPTS)
@@ -407,7 +443,8 @@ def _finish(cfg: FinetuneConfig, ctx: Dist, run: Run) -> None:
         unet.disable_gradient_checkpointing()
     unet.eval().requires_grad_(False)
     atomic_write(run.out / "finetune_config.json", json.dumps({**config_dict(cfg), "_world": ctx.world}, indent=2))
-    export_model(run.pipe, run.out, cfg.placeholder_token, cfg.lora_export, cfg.model, cfg.export_compvis)
+    lora_export = "separate" if cfg.train == "lcm-lora" else cfg.lora_export   # LCM-LoRA: the file is the point
+    export_model(run.pipe, run.out, cfg.placeholder_token, lora_export, cfg.model, cfg.export_compvis)
 
 
 __all__ = ["FinetuneConfig", "PRESETS", "PRECISIONS", "TRAIN_MODES", "LR_SCHEDULES", "UNRELATED_PROMPTS", "Dist",

@@ -4,6 +4,9 @@
   last-up-blocks   the last N up-blocks of the U-Net, nearest the pixels (style and texture, less forgetting)
   lora             low-rank adapters on the attention projections (minidiff.lora; Hu et al. 2021); with
                    lora_text_encoder also on the text encoder's q/k/v/out projections
+  lcm-lora         latent consistency distillation into a LoRA (consistency.py): LoRA where LCM-LoRA puts it,
+                   on every layer of the U-Net's transformers, its ResNets (convolutions, time_emb_proj) and its
+                   down/up-samplers (LCM_LORA_TARGETS)
   textual-inversion  one new word (Gal et al. 2022): a placeholder token "<pika>" is added to the vocabulary and
                    only its embedding row(s) e* ∈ R^{n×d} train; the U-Net, VAE and every other weight of the text
                    encoder stay bit-identical. The concept must then be reachable by the frozen model from one (or n)
@@ -20,8 +23,14 @@ import torch
 from torch import nn
 
 from ..formats.embeddings import token_names
+from ..lora import UNET_CONV_TARGETS, UNET_TARGETS
 
-TRAIN_MODES = ("unet", "last-up-blocks", "lora", "textual-inversion")
+TRAIN_MODES = ("unet", "last-up-blocks", "lora", "textual-inversion", "lcm-lora")
+
+# The layers LCM-LoRA trains (diffusers' train_lcm_distill_lora_sd_wds.py's default targets, the modules of the public
+# lcm-lora-sdv1-5): the transformers' attention, feed-forward and proj_in/out, the ResNets' convolutions, shortcuts
+# and time_emb_proj, the down/up-samplers. Not conv_in / conv_out or the time embedding.
+LCM_LORA_TARGETS = UNET_TARGETS + UNET_CONV_TARGETS + ("time_emb_proj",)
 
 
 class PlaceholderEmbedding(nn.Module):
@@ -97,6 +106,9 @@ def select_trainable(pipe, cfg) -> dict:
             inject_lora(te, cfg.lora_rank, cfg.lora_alpha, targets=TEXT_ENCODER_TARGETS)
     elif cfg.train == "textual-inversion":
         add_placeholder(pipe, cfg.placeholder_token, cfg.initializer_token, cfg.num_vectors)
+    elif cfg.train == "lcm-lora":
+        from ..lora import inject_lora
+        inject_lora(unet, cfg.lora_rank, cfg.lora_alpha, targets=LCM_LORA_TARGETS)
     else:
         raise ValueError(f"train must be one of {TRAIN_MODES}, got {cfg.train!r}")
     out = {name: p for name, p in unet.named_parameters() if p.requires_grad}
@@ -108,5 +120,5 @@ def text_encoder_trains(trainable: dict) -> bool:
     return any(name.startswith("text_encoder.") for name in trainable)
 
 
-__all__ = ["TRAIN_MODES", "PlaceholderEmbedding", "add_placeholder",
+__all__ = ["TRAIN_MODES", "LCM_LORA_TARGETS", "PlaceholderEmbedding", "add_placeholder",
            "remove_placeholder", "select_trainable", "text_encoder_trains"]
