@@ -54,18 +54,19 @@ METHODS = {"ddim": ("base model", "DDIM", DDIM_STEPS), "lcm-base": ("base model 
 
 
 # ------------------------------------------------------------------------------------------------ distilling
-def distil_command(data: Path, out: Path, steps: int | None = None) -> list[str]:
-    """The `minidiff finetune` command line of the recipe (steps overridden for a smoke run)."""
+def distil_command(data: Path, out: Path, steps: int | None = None, extra: list[str] = ()) -> list[str]:
+    """The `minidiff finetune` command line of the recipe (steps overridden for a smoke run; `extra` flags after the
+    recipe's, so they win: a variant of the recipe)."""
     flags = list(RECIPE)
     if steps is not None:
         flags[flags.index("--steps") + 1] = str(steps)
     return [sys.executable, "-m", "minidiff", "finetune", "--data", str(data), "--output", str(out),
-            "--checkpoint-every", flags[flags.index("--steps") + 1], *flags]
+            "--checkpoint-every", "100000", *flags, *extra]
 
 
-def distil(data: Path, out: Path, threads: int = 1, steps: int | None = None) -> dict:
+def distil(data: Path, out: Path, threads: int = 1, steps: int | None = None, extra: list[str] = ()) -> dict:
     """Run the recipe -> {"command", "wall_s", "params", "bytes"} (out/lora.safetensors is the result)."""
-    cmd = distil_command(data, out, steps)
+    cmd = distil_command(data, out, steps, extra)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
         filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
@@ -188,6 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=8, help="seeds per prompt (default: 8)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, here and in the distillation (default 1)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's optimizer steps (a smoke run)")
+    p.add_argument("--flags", default="", help="extra finetune flags after the recipe's, e.g. \"--lcm-loss l2\" (a "
+                                               "variant: docs/few_steps.md's 'what was tried')")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
@@ -203,7 +206,7 @@ def main(argv=None) -> int:
             p.error(f"--work {work} is not empty (the run refuses to overwrite it); pick a new folder")
         try:
             data = make_dataset(work / "data", **DATA)
-            result["distil"] = distil(data, work / "run", args.threads, args.steps)
+            result["distil"] = distil(data, work / "run", args.threads, args.steps, shlex.split(args.flags))
             print(f"distilled: {result['distil']}", file=sys.stderr)
             if args.keep:
                 Path(args.keep).mkdir(parents=True, exist_ok=True)
