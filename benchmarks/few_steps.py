@@ -45,7 +45,7 @@ DATA = dict(n=2000, seed=0)
 # The distillation recipe: LoRA on LCM-LoRA's layers, rank 8; AdamW at 1e-3 with batch 32 (latents cached);
 # the teacher guided with s ~ U[3, 7] around the model card's 5; LCM's skip (20), target EMA (0.95) and pseudo-Huber.
 # No caption dropout: the student learns the guided teacher for the captions it will be asked for.
-RECIPE = ["--train", "lcm-lora", "--lora-rank", "8", "--lr", "1e-3", "--batch-size", "32", "--steps", "400",
+RECIPE = ["--train", "lcm-lora", "--lora-rank", "8", "--lr", "1e-3", "--batch-size", "32", "--steps", "1000",
           "--cache-latents", "--caption-dropout", "0", "--seed", "0", "--validation-steps", "0", "--no-progress"]
 DDIM_STEPS, LCM_STEPS = (1, 2, 4, 8, 20), (1, 2, 4, 8)
 GUIDANCE = {"ddim": 5.0, "lcm": 1.0}      # the model card's guidance for DDIM; LCM samples unguided (distilled in)
