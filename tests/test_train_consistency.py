@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import minidiff
 from minidiff.lora import apply_lora, inject_lora, lora_layers
-from minidiff.train import FinetuneConfig, loop, train
+from minidiff.train import loop, train
 from minidiff.train.consistency import lcm_micro_step_loss, lcm_scheduler, teacher
 from minidiff.train.trainable import LCM_LORA_TARGETS
 from test_finetune import build_tiny_pipe, cfg_for, read_log, tiny  # noqa: F401  (tiny is a fixture)

@@ -365,16 +365,16 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
         return objective.micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_type, device,
                                          autocast, cfg.noise_offset, cfg.min_snr_gamma, text_trains)
 
-    if cfg.train == "lcm-lora":
-        def loss_fn(batch):  # noqa: F811  (the consistency distillation loss instead of the denoising one)
-            target = {n: w.to(device) for n, w in ema.shadow.items()}       # θ⁻ (already there unless ema_on_cpu)
-            return consistency.lcm_micro_step_loss(batch, pipe, model, lcm_sched, target, device, autocast,
-                                                   cfg.lcm_skip, (cfg.lcm_guidance_min, cfg.lcm_guidance_max),
-                                                   cfg.lcm_loss, cfg.lcm_huber_c)
+    def lcm_loss_fn(batch):  # --train lcm-lora: the consistency distillation loss instead of the denoising one
+        target = {n: w.to(device) for n, w in ema.shadow.items()}           # θ⁻ (already there unless ema_on_cpu)
+        return consistency.lcm_micro_step_loss(batch, pipe, model, lcm_sched, target, device, autocast, cfg.lcm_skip,
+                                               (cfg.lcm_guidance_min, cfg.lcm_guidance_max), cfg.lcm_loss,
+                                               cfg.lcm_huber_c)
 
     val_prompts = cfg.validation_prompts if cfg.validation_prompts is not None else \
         default_validation_prompts(dataset, UNRELATED_PROMPTS)
-    return Run(out, pipe, model, trainable, dataset, iter(loader), loss_fn, optimizer, scheduler, scaler, ema,
+    objective_fn = lcm_loss_fn if cfg.train == "lcm-lora" else loss_fn
+    return Run(out, pipe, model, trainable, dataset, iter(loader), objective_fn, optimizer, scheduler, scaler, ema,
                autocast, R, start, end, last_ckpt, val_prompts)
 
 
