@@ -33,12 +33,8 @@ from tqdm.auto import tqdm
 
 from . import images, kernels
 from . import prompts as prompts_mod
-from .schedulers import make_scheduler, scheduler_name
+from .schedulers import SD_V1_CONFIG, make_scheduler, scheduler_name
 from .validation import NaNWatch, check_finite_images, check_generate_args
-
-SD_V1_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                   "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None}
 
 
 def _on_own_kernels(method):
@@ -67,7 +63,7 @@ class StableDiffusion:
     text_encoder: torch.nn.Module
     unet: torch.nn.Module
     vae: torch.nn.Module
-    scheduler_config: dict = field(default_factory=lambda: dict(SD_V1_SCHEDULER))
+    scheduler_config: dict = field(default_factory=lambda: dict(SD_V1_CONFIG))
     fast: bool = True
     execution_device: torch.device | None = None
 
@@ -171,6 +167,9 @@ class StableDiffusion:
 
         sched = self.make_scheduler(scheduler)
         sched.set_timesteps(steps)
+        step_kwargs = {"generator": generator}   # decided once: DDIM's step takes η, the others have none (diffusers)
+        if "eta" in inspect.signature(sched.step).parameters:
+            step_kwargs["eta"] = eta
         shape = (N, self.vae.config.latent_channels, height // f, width // f)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
@@ -201,7 +200,7 @@ class StableDiffusion:
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
             else:  # a tensor of our own: PNDM / DPM++ keep past outputs, and a U-Net compiled with CUDA graphs
                 eps = eps.clone()  # writes every call's output into the same buffer
-            latents = self._step(sched, eps, t, latents, generator, eta)
+            latents = sched.step(eps, t, latents, **step_kwargs)
             if blend:  # 4-channel inpainting: the known region is the image noised to the NEXT timestep's level
                 # (diffusers' add_noise(z_0, ε, timesteps[i+1])), and the clean image after the last step
                 known = start.image_latents if i == len(timesteps) - 1 else \
@@ -327,13 +326,6 @@ class StableDiffusion:
         vae_dtype = next(self.vae.parameters()).dtype
         posterior = self.vae.encode(x.to(self.device, vae_dtype))
         return (posterior.sample(generator) * self.latent_scale).to(self.dtype)
-
-    @staticmethod
-    def _step(sched, eps, t, latents, generator, eta):
-        kwargs = {"generator": generator}
-        if "eta" in inspect.signature(sched.step).parameters:  # DDIM's η; the other samplers have none (as diffusers)
-            kwargs["eta"] = eta
-        return sched.step(eps, t, latents, **kwargs)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
