@@ -419,8 +419,11 @@ CONFIG_SPECS = {
 
 def check_config(kind: str, d, where) -> None:
     """Check a config dict ("unet" | "vae" | "text_encoder" | "scheduler") by type and range, key by key, and the
-    widths that must split evenly. Raises ValueError naming `where` (the file), the key, its value and what is allowed.
-    Runs before the config classes see the dict, so nothing fails later with a raw TypeError."""
+    rules between keys that no config class holds (the text encoder's heads, the β range). Raises ValueError naming
+    `where` (the file), the key, its value and what is allowed. Runs before the config classes see the dict, so nothing
+    fails later with a raw TypeError; the rules of the U-Net's and VAE's architecture (widths that split into heads
+    and GroupNorm groups) live with their configs (UNetConfig / VAEConfig.__post_init__), which run for a config
+    built in Python too, and the loader names the file in front of their messages."""
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a JSON object, got {show(d)}")
     if kind == "text_encoder" and d.get("model_type") == "clip" and isinstance(d.get("text_config"), dict):
@@ -428,11 +431,6 @@ def check_config(kind: str, d, where) -> None:
     for key, (ok, allowed) in CONFIG_SPECS[kind].items():
         if key in d and not ok(d[key]):
             raise ValueError(f"{where}: {key!r} is {show(d[key])}; expected {allowed}")
-    groups = d.get("norm_num_groups", 32)
-    for c in d.get("block_out_channels", ()) if kind in ("unet", "vae") else ():
-        if c % groups:
-            raise ValueError(f"{where}: block_out_channels {list(d['block_out_channels'])} do not split into "
-                             f"norm_num_groups={groups} groups ({c} % {groups} = {c % groups})")
     if kind == "text_encoder":
         width, heads = d.get("hidden_size", 512), d.get("num_attention_heads", 8)  # transformers' CLIP defaults
         if width % heads:

@@ -1,6 +1,7 @@
 """minidiff.validation, the door: every argument of generate() is checked in one call of check_generate_args, before
 any network runs, and the sampling code checks nothing again; an inpainting U-Net takes the noise with the VAE's
-latent channels as explicit latents. (tests/test_bad_inputs.py holds the matrix of refusals and their messages.)"""
+latent channels as explicit latents; config rules live in one place. (tests/test_bad_inputs.py holds the matrix of
+refusals and their messages.)"""
 import ast
 import dataclasses
 from pathlib import Path
@@ -10,8 +11,9 @@ import torch
 
 import minidiff
 import minidiff.pipeline
-from minidiff.unet import UNet
-from minidiff.validation import check_generate_args
+from minidiff.unet import UNet, UNetConfig
+from minidiff.validation import check_config, check_generate_args
+from minidiff.vae import VAEConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))   # the embedded model draws 32x32
@@ -112,3 +114,16 @@ def test_embeddings_beside_strings_of_the_same_length_pass(pipe):
         check_generate_args(pipe, prompt="a red circle", negative_prompt_embeds=torch.zeros(1, L, 64))
     check_generate_args(pipe, prompt="a " * 100, negative_prompt_embeds=torch.zeros(1, 154, 64))
     check_generate_args(pipe, prompt=None, prompt_embeds=torch.zeros(1, 100, 64), guidance_scale=1.0)  # no negative
+
+
+def test_groups_rule_lives_with_the_config():
+    """The GroupNorm rule (every level's width splits into norm_num_groups) is the config's own: a UNetConfig or
+    VAEConfig built in Python refuses it; check_config (types and ranges of a file's keys) does not hold it twice, and
+    the loader names the file in front of the config's message (tests/test_bad_inputs.py's CONFIG_CASES)."""
+    with pytest.raises(ValueError, match=r"block_out_channels \[32, 48\] do not split into norm_num_groups=32 groups "
+                                         r"\(48 % 32 = 16\)"):
+        UNetConfig(block_out_channels=(32, 48), cross_attention=(True, True))
+    with pytest.raises(ValueError, match=r"block_out_channels \[16, 32\] do not split into norm_num_groups=32 groups"):
+        VAEConfig(block_out_channels=(16, 32))
+    check_config("unet", {"block_out_channels": [32, 48], "norm_num_groups": 32}, "unet/config.json")
+    check_config("vae", {"block_out_channels": [16, 32], "norm_num_groups": 32}, "vae/config.json")
