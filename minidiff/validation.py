@@ -169,9 +169,8 @@ def _check_text(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_em
     given = prompt_embeds if prompt_embeds is not None else negative_prompt_embeds
     if guided and given is not None and (prompt is not None or negative_prompt_embeds is None):
         # one side strings, the other a context: the strings are padded to its length with 77-position chunks
-        texts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else \
-            [""] if negative_prompt is None else [negative_prompt] if isinstance(negative_prompt, str) \
-            else list(negative_prompt)
+        strings = prompt if prompt is not None else negative_prompt or ""   # no negative prompt: ""
+        texts = [strings] if isinstance(strings, str) else list(strings)
         n = pipe.tokenizer.model_max_length
         need = n * max(prompts_mod.chunk_count(pipe.tokenizer, t) for t in texts)
         L = given.shape[1]
