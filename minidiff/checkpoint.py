@@ -26,7 +26,8 @@ from .clip import CLIPTextConfig, CLIPTextTransformer
 from .files import atomic_dir, atomic_write
 from .formats import keymaps
 from .formats.weights import CheckpointError, read_state_dict
-from .pipeline import SD_V1_SCHEDULER, StableDiffusion
+from .pipeline import StableDiffusion
+from .schedulers import SD_V1_CONFIG
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
 from .validation import check_config
@@ -178,7 +179,7 @@ def _load_diffusers(path: Path, device, dtype, unsafe_pickle) -> StableDiffusion
                               f"match the U-Net's cross_attention_dim {unet_cfg.cross_attention_dim}")
     sched_file = path / "scheduler" / "scheduler_config.json"
     scheduler_cfg = _scheduler_config(_read_json(sched_file), sched_file) if sched_file.is_file() \
-        else dict(SD_V1_SCHEDULER)
+        else dict(SD_V1_CONFIG)
 
     with torch.device("meta"):
         skeletons = {"unet": UNet(unet_cfg), "vae": AutoencoderKL(vae_cfg), "text_encoder": CLIPTextTransformer(text_cfg)}
@@ -211,7 +212,7 @@ def _load_compvis(path: Path, device, dtype, ema, unsafe_pickle) -> StableDiffus
         unet_cfg, vae_cfg, text_cfg, scheduler_cfg = _metadata_configs(path, metadata["minidiff"])
     else:
         unet_cfg, vae_cfg, text_cfg = infer_compvis_configs(path, sd)
-        scheduler_cfg = dict(SD_V1_SCHEDULER)
+        scheduler_cfg = dict(SD_V1_CONFIG)
     has_ema = any(k.startswith("model_ema.") and not keymaps.COMPVIS_SKIP.match(k) for k in sd)
     if ema and not has_ema:
         raise CheckpointError(f"{path}: ema=True but the file has no EMA weights (no 'model_ema.*' tensors)")
@@ -247,7 +248,7 @@ def _metadata_configs(path: Path, text: str):
             configs.append(from_fn(meta[kind]))
         except (ValueError, TypeError, KeyError) as e:
             raise _named(where, "unsupported model configuration", e) from None
-    scheduler = _scheduler_config(meta.get("scheduler", dict(SD_V1_SCHEDULER)),
+    scheduler = _scheduler_config(meta.get("scheduler", dict(SD_V1_CONFIG)),
                                   f"{path} (metadata 'minidiff', 'scheduler')")
     return (*configs, scheduler)
 

@@ -106,7 +106,7 @@ def test_locon_and_text_encoder_lora_train():
     x = _inputs(pipe.unet)
     ids = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(0))
     # exactly: on the reference kernels (the fast ones stack the Q/K/V matmuls of plain layers, not of wrapped ones,
-    # which moves the last bit; tests/test_speed.py holds wrapped layers on the fast kernels to the tolerance)
+    # which moves the last bit; tests/test_kernels.py holds wrapped layers on the fast kernels to the tolerance)
     with torch.no_grad(), kernels.use("reference"):
         before = pipe.unet(*x), pipe.text_encoder(ids)
     unet_layers = inject_lora(pipe.unet, rank=2, targets=UNET_TARGETS + UNET_CONV_TARGETS)

@@ -361,8 +361,7 @@ def train_unet(recipe: Recipe, latents: dict, captions, text_encoder, tokenizer,
     c = the frozen text tower's last hidden state [B, 77, d] of the caption, or of "" for 10% of the batch.
     -> (the U-Net to ship: the EMA weights when ema_decay > 0, metrics)."""
     from ..ema import EMA
-    from ..pipeline import SD_V1_SCHEDULER
-    from ..schedulers import make_scheduler
+    from ..schedulers import SD_V1_CONFIG, make_scheduler
     from ..unet import UNet
     unet_cfg = recipe.configs()[3]
     torch.manual_seed(recipe.seed + 2)
@@ -382,7 +381,7 @@ def train_unet(recipe: Recipe, latents: dict, captions, text_encoder, tokenizer,
         if ema is not None:
             ema.load_state_dict(done["ema"])
         return shipped(), done["metrics"], done
-    sched = make_scheduler("ddpm", SD_V1_SCHEDULER)
+    sched = make_scheduler("ddpm", SD_V1_CONFIG)
     unique = sorted(set(captions))
     with torch.no_grad():                                           # frozen: one context per distinct caption
         context = text_encoder(tokenizer(unique + [""]))           # [U + 1, 77, d]; the last row is ""
@@ -417,7 +416,8 @@ def train(out, recipe: Recipe | None = None, work=None, data=None, resume: bool 
     """Run the recipe into `out` (a diffusers folder + MODEL_CARD.md + metrics.json + samples.png).
     -> the report dict (metrics and seconds per stage). stop_after: a stage name, to stop early (resume later)."""
     from ..clip import CLIPTextTransformer
-    from ..pipeline import SD_V1_SCHEDULER, StableDiffusion
+    from ..pipeline import StableDiffusion
+    from ..schedulers import SD_V1_CONFIG
     from ..tokenizer import CLIPTokenizer
     recipe = recipe or Recipe()
     out = Path(out)
@@ -470,7 +470,7 @@ def train(out, recipe: Recipe | None = None, work=None, data=None, resume: bool 
     # SD v1's noise schedule, but DDIM as the model's own sampler: PLMS (SD's PNDM) extrapolates from the last four
     # ε predictions, and this small U-Net's guided predictions at 7.5 swing too much for that (colours flip).
     pipe = StableDiffusion(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
-                           scheduler_config=dict(SD_V1_SCHEDULER, _class_name="DDIMScheduler"))
+                           scheduler_config=dict(SD_V1_CONFIG, _class_name="DDIMScheduler"))
     ship(pipe, out, recipe, report, evaluate, command or f"minidiff train-tiny --out {out}", log)
     report["total_wall_s"] = total.wall
     atomic_write(out / "metrics.json", json.dumps(report, indent=2) + "\n")
