@@ -7,7 +7,7 @@ import argparse
 import random
 from pathlib import Path
 
-from ..settings import SEED_MAX, Device, Existing, File, Int, Output
+from ..settings import Device, Existing, File, Int, Output
 from . import SCHEDULER_HELP, check_flags, load_model, scheduler_name
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -17,7 +17,6 @@ FLAGS = {"guidance_scale": "--guidance", "mask_image": "--mask"}
 FLAGS_FIELDS = {
     "model": Existing(what="a diffusers folder or a CompVis .ckpt/.safetensors file", optional=True),
     "out": Output("file"),
-    "seed": Int(0, SEED_MAX, optional=True),
     "image": File(what="an image file", optional=True),
     "mask": File(what="an image file (white = repaint)", optional=True),
     "attention_maps": Output("file", optional=True),
