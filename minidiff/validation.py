@@ -8,7 +8,10 @@ allowed — never a raw error from deep inside torch, never a silently wrong ima
     check_config("unet", d, where)                           a config.json dict, before any model is built
     NaNWatch                                                 NaN / inf latents during sampling -> NonFiniteError
 
-Wrong type -> TypeError, right type but out of range -> ValueError (CheckpointError, a ValueError, for files).
+Wrong type -> TypeError, right type but out of range -> ValueError (CheckpointError, a ValueError, for files): each
+raised as minidiff.errors' InputTypeError / InputValueError, whose .field names the argument, so that a command prints
+it as one line naming its flag while a TypeError from inside torch keeps its traceback. The settings of a run
+(FinetuneConfig, the tiny recipe, compare(), each command's flags) have their door beside this one: minidiff.settings.
 Non-finite numbers during sampling raise NonFiniteError (a FloatingPointError) naming the step: a NaN image is never
 returned. The choice to raise (not warn) is deliberate: a NaN never heals, so every later step would be wasted work.
 """
