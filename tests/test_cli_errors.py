@@ -366,6 +366,27 @@ def test_as_users_run_it(place, argv):
 
 
 # ------------------------------------------------------------------------------------------------ the API's doors
+def test_every_setting_has_its_row():
+    """A field added to FinetuneConfig, Recipe or compare() without a row of its table would go unchecked: the tables
+    cover them all, and every row names a flag that `minidiff finetune` has."""
+    import dataclasses
+    import inspect
+
+    from minidiff.commands import finetune as command
+    from minidiff.compare import COMPARE_FIELDS, compare
+    from minidiff.recipes.tiny import RECIPE_FIELDS, Recipe
+    from minidiff.settings import flag_of
+    from minidiff.train.finetune import FINETUNE_FIELDS, FinetuneConfig
+    assert [f.name for f in dataclasses.fields(FinetuneConfig)] == list(FINETUNE_FIELDS)
+    assert [f.name for f in dataclasses.fields(Recipe)] == list(RECIPE_FIELDS)
+    assert set(COMPARE_FIELDS) <= set(inspect.signature(compare).parameters)
+    parser = __import__("argparse").ArgumentParser()
+    command.add_arguments(parser)
+    flags = {s for a in parser._actions for s in a.option_strings}
+    for field, spec in FINETUNE_FIELDS.items():
+        assert all(f.strip() in flags for f in flag_of(field, spec).split("/")), field
+
+
 API_ONLY = [   # wrong types: the command line cannot pass them (argparse converts), Python can
     (dict(steps="10"), TypeError, r"steps must be an int >= 0, got '10' \(--steps\)"),
     (dict(steps=10.0), TypeError, r"steps must be an int >= 0, got 10.0 \(--steps\)"),

@@ -123,7 +123,7 @@ class FinetuneConfig:
     def from_preset(cls, name: str, **overrides) -> "FinetuneConfig":
         """A preset's settings with `overrides` winning: FinetuneConfig.from_preset("pokemon", data=..., output=...)."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+            raise InputValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}", field="preset")
         return cls(**{**PRESETS[name], **overrides})
 
 
