@@ -15,7 +15,8 @@ line:
         CheckpointError (ValueError)    formats/weights.py: a file that is not a loadable model or weights file
         ImageLoadError  (OSError)       data/imagefolder.py: an image that cannot be decoded
       SetupError (RuntimeError)         this machine cannot do what was asked: a package or tool is missing, a
-                                        download failed, no CUDA GPU for a CUDA-only option (the message says what to do)
+                                        download failed, no CUDA GPU for a CUDA-only option (the message says what
+                                        to do)
       NonFiniteError (FloatingPointError)  validation.py: sampling turned NaN/inf (names the step)
       TrainingDiverged (RuntimeError)   train/loop.py: the loss turned NaN/inf (names the step, the last checkpoint)
 

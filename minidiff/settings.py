@@ -3,7 +3,7 @@ each command's flags) checked before any work — before a model is loaded, a da
 
 A settings object is described by a TABLE, one row per field: what it holds (type and range, or the choices), and the
 flag that sets it on the command line. The table lives beside the object it describes (FINETUNE_FIELDS beside
-FinetuneConfig); this module holds the kinds of row and the one function that reads a table:
+FinetuneConfig); this module holds the kinds of row and the two functions that read a table:
 
     FIELDS = {
         "steps":      Int(0),                     # an int >= 0, flag --steps (the field's name, '_' written '-')
@@ -61,7 +61,8 @@ def show(v) -> str:
     """A value as an error message shows it: its repr (shortened) and, when that is ambiguous, its type."""
     r = repr(v)
     r = r if len(r) <= 60 else r[:57] + "..."
-    return r if isinstance(v, (int, float, str, type(None))) and not isinstance(v, bool) else f"{r} ({type(v).__name__})"
+    plain = isinstance(v, (int, float, str, type(None))) and not isinstance(v, bool)
+    return r if plain else f"{r} ({type(v).__name__})"
 
 
 def _is_path(v) -> bool:
@@ -238,7 +239,8 @@ def Output(kind: str = "file", *, optional=False, flag=None) -> Spec:
 
 
 def Device(*, optional=False, flag=None) -> Spec:
-    """A torch device this machine has: cpu, cuda, cuda:N (N < the number of GPUs), mps."""
+    """A torch device this machine has: cpu, cuda, cuda:N (N < the number of GPUs), mps (others as torch names them:
+    only CUDA and MPS can be asked whether they are there)."""
     def machine(v):
         import torch
         try:
@@ -253,9 +255,7 @@ def Device(*, optional=False, flag=None) -> Spec:
                        f"cuda:{torch.cuda.device_count() - 1}"
         elif d.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
             return "this machine has no MPS device"
-        elif d.type not in ("cpu", "cuda", "mps"):
-            return f"minidiff runs on cpu, cuda or mps, not {d.type}"
-        return None
+        return None                                     # cpu, or a device type torch knows and we cannot ask about
     return Spec("a torch device this machine has (cpu, cuda, cuda:N, mps)", lambda v: isinstance(v, str),
                 optional=optional, flag=flag, machine=machine)
 
@@ -322,5 +322,5 @@ def check_on_this_machine(obj, fields: dict) -> None:
 
 
 __all__ = ["Spec", "Int", "Real", "Bool", "Choice", "Text", "Texts", "Ints", "Bools", "Sampler", "Folder", "File",
-           "Existing", "Output", "Device", "Host", "Port", "flag_of", "check_settings", "check_on_this_machine", "SEED_MAX", "is_int",
-           "is_real", "show"]
+           "Existing", "Output", "Device", "Host", "Port", "flag_of", "check_settings", "check_on_this_machine",
+           "SEED_MAX", "is_int", "is_real", "show"]

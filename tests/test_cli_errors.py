@@ -194,7 +194,8 @@ CASES = [
     case(FT + ["--validation-prompts", "comments.txt"], "--validation-prompts",
          r"--validation-prompts comments.txt: no prompts \(one per line\)"),
     case(FT + ["--validation-seeds", "0,-1"], "--validation-seeds",
-         r"argument --validation-seeds: must be comma-separated seeds, ints in \[0, 18446744073709551615\], got '0,-1'"),
+         r"argument --validation-seeds: must be comma-separated seeds, ints in \[0, 18446744073709551615\], "
+         r"got '0,-1'"),
     case(FT + ["--validation-steps", "-1"], "--validation-steps",
          r"validation_steps must be an int >= 0, got -1", api=dict(validation_steps=-1)),
     case(FT + ["--validation-guidance", "inf"], "--validation-guidance",

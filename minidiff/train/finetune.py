@@ -127,7 +127,7 @@ class FinetuneConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-# The door's table: one row per field of FinetuneConfig — what it holds and the flag that sets it (None: --field-name).
+# The door's table: one row per field of FinetuneConfig — what it holds, the flag that sets it (None: --field-name).
 # A new field gets its row here; a rule between fields goes into FINETUNE_RULES. Paths and the device are looked at
 # when train() starts (check_on_this_machine), the rest when the config is made.
 OPTIMIZERS = ("adamw", "adamw8bit")
