@@ -116,6 +116,32 @@ def load(path=None, device="cpu", dtype=torch.float32, ema: bool = False, unsafe
     return pipe
 
 
+def vae_scale_factor(path=None) -> int | None:
+    """The VAE's downsampling factor f (pixels per latent pixel) of the model load(path) gives, read without a single
+    weight: from vae/config.json (a diffusers folder) or a .safetensors header (the configs minidiff.save writes there,
+    else the names of the encoder's levels). None when only loading can tell (a pickle) or when the files are not
+    what load() takes (load says why). The settings' door uses it to refuse a --resolution before the model loads."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+    path = DEFAULT_MODEL if path is None else Path(path)
+    try:
+        if path.is_dir():
+            levels = len(_read_json(path / "vae" / "config.json")["block_out_channels"])
+        elif path.suffix == ".safetensors" and path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                meta, keys = f.metadata() or {}, list(f.keys())
+            if "minidiff" in meta:
+                levels = len(json.loads(meta["minidiff"])["vae"]["block_out_channels"])
+            else:
+                levels = 1 + max(int(m[1]) for k in keys
+                                 if (m := re.match(r"first_stage_model\.encoder\.down\.(\d+)\.", k)))
+        else:
+            return None
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return None
+    return 2 ** (levels - 1)
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 import minidiff
 from minidiff import CheckpointError, cli
+from minidiff.errors import InputTypeError, InputValueError
 from minidiff.checkpoint import DEFAULT_MODEL
 from minidiff.validation import NonFiniteError
 
@@ -194,7 +195,9 @@ GENERATE_CASES = [
 def test_generate_refuses(pipe, kwargs, exc, match):
     with pytest.raises(exc, match=match) as info:
         run(pipe, **kwargs)
-    assert type(info.value) is exc  # the door's own error, not a subclass raised from deep inside
+    # the door's own error (minidiff.errors: what the commands print as one line), not a TypeError / ValueError
+    # raised from deep inside
+    assert type(info.value) is {TypeError: InputTypeError, ValueError: InputValueError}[exc]
 
 
 def test_generate_needs_a_size_when_the_config_has_none(pipe, monkeypatch):

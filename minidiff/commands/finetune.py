@@ -1,18 +1,20 @@
 """`minidiff finetune --data DIR --output OUT [--model M] [--train unet|last-up-blocks|lora|textual-inversion] ...`:
-the command line of minidiff.train (see docs/finetuning.md). Every flag is a FinetuneConfig field with '_' written '-'."""
+the command line of minidiff.train (see docs/finetuning.md). Every flag is a FinetuneConfig field with '_' written '-'.
+
+Bad input: the flags become a FinetuneConfig, whose door (FINETUNE_FIELDS, FINETUNE_RULES) refuses what the API
+refuses, with the same message; train() looks at the paths, the device and a --resume's checkpoint before any work.
+minidiff/cli.py prints the error as one line."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-import sys
 
 from ..train.finetune import PRECISIONS, PRESETS, FinetuneConfig, train
-from ..train.loop import TrainingDiverged
 from ..train.optim import LR_SCHEDULES
 from ..train.reports import REPORT_TO
 from ..train.trainable import TRAIN_MODES
-from . import SCHEDULER_HELP, scheduler_name
+from . import SCHEDULER_HELP, read_prompt_file, scheduler_name, seed_list
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt("--keep-last", type=int, help="M: checkpoints kept")
     g.add_argument("--validation-prompts", default=S, metavar="FILE",
                    help="one prompt per line (default: 2 dataset captions + 'A toucan', 'A horse')")
-    g.add_argument("--validation-seeds", default=S, help="comma-separated seeds (default: 0)")
+    g.add_argument("--validation-seeds", default=S, type=seed_list, help="comma-separated seeds (default: 0)")
     opt("--validation-steps", type=int, help="sampler steps of the validation images (0 = no validation)")
     opt("--validation-guidance", type=float, help="guidance scale of the validation images")
     opt("--validation-scheduler", type=scheduler_name, metavar="NAME",
@@ -109,10 +111,7 @@ def _show(v):
 def config_from_args(args) -> FinetuneConfig:
     given = {k: v for k, v in vars(args).items() if k != "preset"}
     if "validation_prompts" in given:
-        from ..compare import read_prompts
-        given["validation_prompts"] = read_prompts(given["validation_prompts"])
-    if "validation_seeds" in given:
-        given["validation_seeds"] = tuple(int(s) for s in str(given["validation_seeds"]).split(",") if s.strip())
+        given["validation_prompts"] = read_prompt_file(given["validation_prompts"], "--validation-prompts")
     if given.get("max_grad_norm") == 0:
         given["max_grad_norm"] = None
     base = PRESETS[args.preset] if getattr(args, "preset", None) else {}
@@ -120,12 +119,7 @@ def config_from_args(args) -> FinetuneConfig:
 
 
 def run(args) -> int:
-    cfg = config_from_args(args)
-    try:
-        result = train(cfg)
-    except TrainingDiverged as e:
-        print(f"minidiff finetune: training diverged at {e}", file=sys.stderr)
-        return 1
+    result = train(config_from_args(args))
     if result["finished"] and int(os.environ.get("RANK", "0")) == 0:
         print(f"fine-tuned model written to {result['output']} (step {result['step']}, last loss "
               f"{result['loss']:.4f})")

@@ -52,7 +52,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import InputValueError
 from ..files import atomic_write
+from ..settings import (SEED_MAX, Bools, Int, Ints, Output, Real, check_on_this_machine, check_settings)
 from ..train import loop
 from ..train.data import generator
 from ..train.objective import diffusion_loss
@@ -105,6 +107,7 @@ class Recipe:
     eval_steps: int = 20
 
     def __post_init__(self):
+        check_settings(self, RECIPE_FIELDS, RECIPE_RULES)        # the door (minidiff.settings), before any work
         for k in ("vae_channels", "unet_channels", "unet_cross"):
             setattr(self, k, tuple(getattr(self, k)))
 
@@ -131,6 +134,45 @@ class Recipe:
                           cross_attention=self.unet_cross, heads=self.unet_heads, cross_attention_dim=self.text_width,
                           norm_num_groups=self.unet_groups, sample_size=8)
         return vae, text, image, unet
+
+
+# The door's table of the recipe (minidiff.settings): one row per field. No flag sets them (`minidiff train-tiny` has
+# --quick), so the messages name the field alone. The networks' own rules (widths that split into GroupNorm groups
+# and heads) are the config classes'; _networks_build runs them.
+_NO_FLAG = dict(flag="")
+RECIPE_FIELDS = {
+    "seed": Int(0, SEED_MAX, **_NO_FLAG), "n_train": Int(1, **_NO_FLAG),
+    "vae_channels": Ints(1, **_NO_FLAG), "vae_layers": Int(1, **_NO_FLAG), "vae_groups": Int(1, **_NO_FLAG),
+    "kl_weight": Real(0, **_NO_FLAG), "vae_steps": Int(1, **_NO_FLAG), "vae_batch": Int(1, **_NO_FLAG),
+    "vae_lr": Real(gt=0, **_NO_FLAG),
+    "text_width": Int(1, **_NO_FLAG), "text_layers": Int(1, **_NO_FLAG), "text_heads": Int(1, **_NO_FLAG),
+    "image_patch": Int(1, **_NO_FLAG), "image_width": Int(1, **_NO_FLAG), "image_layers": Int(1, **_NO_FLAG),
+    "clip_embed": Int(1, **_NO_FLAG), "clip_steps": Int(1, **_NO_FLAG), "clip_batch": Int(1, **_NO_FLAG),
+    "clip_lr": Real(gt=0, **_NO_FLAG),
+    "unet_channels": Ints(1, **_NO_FLAG), "unet_layers": Int(1, **_NO_FLAG), "unet_cross": Bools(**_NO_FLAG),
+    "unet_heads": Int(1, **_NO_FLAG), "unet_groups": Int(1, **_NO_FLAG), "unet_steps": Int(1, **_NO_FLAG),
+    "unet_batch": Int(1, **_NO_FLAG), "unet_lr": Real(gt=0, **_NO_FLAG),
+    "caption_dropout": Real(0, 1, **_NO_FLAG), "ema_decay": Real(0, lt=1, **_NO_FLAG), "warmup": Int(0, **_NO_FLAG),
+    "eval_seeds": Int(1, **_NO_FLAG), "eval_steps": Int(1, **_NO_FLAG),
+}
+
+
+def _networks_build(r):
+    """The four networks' configs accept these widths (GroupNorm groups, heads, patches: the config classes' rules)."""
+    if 32 % r.image_patch:
+        return f"image_patch must divide the 32-pixel images, got {r.image_patch}"
+    if r.text_width % r.text_heads:
+        return f"text_width {r.text_width} does not split into text_heads={r.text_heads} heads"
+    try:
+        r.configs()
+    except (ValueError, TypeError) as e:                # the config dataclasses' own refusals
+        return f"the recipe's networks cannot be built: {e}"
+
+
+RECIPE_RULES = [_networks_build]
+# train()'s paths (the flags of `minidiff train-tiny`)
+TRAIN_FIELDS = {"out": Output("folder"), "work": Output("folder", optional=True),
+                "data": Output("folder", optional=True)}
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -419,6 +461,11 @@ def train(out, recipe: Recipe | None = None, work=None, data=None, resume: bool 
     from ..pipeline import StableDiffusion
     from ..schedulers import SD_V1_CONFIG
     from ..tokenizer import CLIPTokenizer
+    from types import SimpleNamespace
+    check_on_this_machine(SimpleNamespace(out=out, work=work, data=data), TRAIN_FIELDS)   # before any folder is made
+    if stop_after is not None and stop_after not in STAGES:
+        raise InputValueError(f"stop_after must be one of {STAGES}, got {stop_after!r} (--stop-after)",
+                              field="stop_after")
     recipe = recipe or Recipe()
     out = Path(out)
     work = Path(work) if work else out.with_name(out.name + ".work")

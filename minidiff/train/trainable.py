@@ -19,6 +19,7 @@ import copy
 import torch
 from torch import nn
 
+from ..errors import InputValueError
 from ..formats.embeddings import token_names
 
 TRAIN_MODES = ("unet", "last-up-blocks", "lora", "textual-inversion")
@@ -51,14 +52,15 @@ def add_placeholder(pipe, token: str, initializer: str, num_vectors: int = 1) ->
     tok, te = pipe.tokenizer, pipe.text_encoder
     init_ids = tok.encode(initializer)[1:-1]                                  # drop <bos>, <eos>
     if len(init_ids) != 1:
-        raise ValueError(f"--initializer-token must be one token of the vocabulary; {initializer!r} is "
-                         f"{len(init_ids)} tokens {tok.convert_ids_to_tokens(init_ids)}: pick a single word")
+        raise InputValueError(f"--initializer-token must be one token of the vocabulary; {initializer!r} is "
+                              f"{len(init_ids)} tokens {tok.convert_ids_to_tokens(init_ids)}: pick a single word",
+                              field="initializer_token")
     names = token_names(token, num_vectors)              # diffusers' names: "<pika>", "<pika>_1", ...
     original = copy.deepcopy(tok)                        # the tokenizer the exported model keeps (without the word)
     try:
         ids = tok.add_tokens(names)
     except ValueError as e:
-        raise ValueError(f"--placeholder-token {token!r}: {e}") from None
+        raise InputValueError(f"--placeholder-token {token!r}: {e}", field="placeholder_token") from None
     base = te.embeddings.token_embedding
     init = base.weight[init_ids[0]].detach()[None].expand(num_vectors, -1)   # [n, d]
     layer = PlaceholderEmbedding(base, ids, init)
@@ -87,7 +89,8 @@ def select_trainable(pipe, cfg) -> dict:
     elif cfg.train == "last-up-blocks":
         n = len(unet.up_blocks)
         if not 1 <= cfg.up_blocks <= n:
-            raise ValueError(f"--up-blocks must be in 1..{n} (this U-Net has {n} up-blocks), got {cfg.up_blocks}")
+            raise InputValueError(f"--up-blocks must be in 1..{n} (this U-Net has {n} up-blocks), got "
+                                  f"{cfg.up_blocks}", field="up_blocks")
         for block in unet.up_blocks[n - cfg.up_blocks:]:   # the blocks nearest the output
             block.requires_grad_(True)
     elif cfg.train == "lora":
