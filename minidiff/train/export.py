@@ -2,7 +2,9 @@
 
   OUT/                     a diffusers model folder (minidiff.load, diffusers' StableDiffusionPipeline)
   OUT/lora.safetensors     --train lora --lora-export separate: the LoRA (the U-Net's, and the text encoder's with
-                           --lora-text-encoder; minidiff.lora.apply_lora on the base)
+                           --lora-text-encoder) in the diffusers/PEFT layout (load_lora_weights; minidiff.lora.apply_lora
+                           on the base) ...
+  OUT/lora_kohya.safetensors   ... and the same in the kohya layout (AUTOMATIC1111, ComfyUI)
   OUT/learned_embeds.safetensors      --train textual-inversion: {token: [d] or [n, d]} (diffusers)
   OUT/<token>.pt, OUT/<token>.safetensors   the same vectors in AUTOMATIC1111's form
   OUT/model.safetensors    --export-compvis: the same model in the CompVis single-file layout
@@ -48,7 +50,9 @@ def export_model(pipe, out, cfg, step: int | None = None) -> Path:
         export_embeddings(out, cfg.placeholder_token, learned, step or cfg.steps)
     if lora_layers(pipe.unet) or lora_layers(pipe.text_encoder):
         if cfg.lora_export == "separate":   # the U-Net's LoRA layers and the text encoder's, if it has any
-            save_lora(pipe, out / "lora.safetensors", extra_metadata={"base_model": str(cfg.model or "embedded")})
+            note = {"base_model": str(cfg.model or "embedded"), "preset": cfg.lora_preset}
+            save_lora(pipe, out / "lora.safetensors", extra_metadata=note)
+            save_lora(pipe, out / "lora_kohya.safetensors", format="kohya", extra_metadata=note)
         merge_lora(pipe)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:

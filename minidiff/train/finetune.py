@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..lora import LORA_PRESETS
 from . import loop, objective
 from .data import SampleStream, cache_latents, collate, default_validation_prompts, positions
 from .export import export_model
@@ -63,8 +64,11 @@ class FinetuneConfig:
     # what trains
     train: str = "unet"                         # "unet" | "last-up-blocks" | "lora" | "textual-inversion"
     up_blocks: int = 1                          # with train="last-up-blocks": how many (from the output end)
-    lora_rank: int = 4
+    lora_preset: str = "attn-only"              # with train="lora": "attn-only" | "attn-mlp" | "full" (LyCORIS')
+    lora_rank: int = 4                          # r of every Linear and 1×1 conv
     lora_alpha: float | None = None             # None = the rank (α/r = 1)
+    lora_conv_rank: int | None = None           # r of the k×k convs (preset "full"); None = lora_rank
+    lora_conv_alpha: float | None = None        # their α; None = lora_alpha (None: α = their rank)
     lora_export: str = "merge"                  # "merge" | "separate" (also writes OUT/lora.safetensors)
     lora_text_encoder: bool = False             # with train="lora": LoRA on the text encoder's q/k/v/out too
     placeholder_token: str | None = None        # with train="textual-inversion": the new word, e.g. "<pika>"
@@ -126,6 +130,18 @@ class FinetuneConfig:
                    "--initializer-token (a word it starts from, e.g. 'pokemon')"),
                   (self.num_vectors >= 1, f"num_vectors must be >= 1, got {self.num_vectors}"),
                   (not self.lora_text_encoder or self.train == "lora", "lora_text_encoder needs train='lora'"),
+                  (self.lora_preset in LORA_PRESETS,
+                   f"lora_preset must be one of {tuple(LORA_PRESETS)}, got {self.lora_preset!r}"),
+                  (self.lora_rank >= 1 and (self.lora_conv_rank is None or self.lora_conv_rank >= 1),
+                   f"lora_rank and lora_conv_rank must be >= 1, got {self.lora_rank} and {self.lora_conv_rank}"),
+                  (all(a is None or a > 0 for a in (self.lora_alpha, self.lora_conv_alpha)),
+                   f"lora_alpha and lora_conv_alpha must be > 0 (or none: α = r), got {self.lora_alpha} and "
+                   f"{self.lora_conv_alpha}"),
+                  (self.lora_conv_rank is None and self.lora_conv_alpha is None
+                   or self.train == "lora" and self.lora_preset == "full",
+                   "lora_conv_rank / lora_conv_alpha set the k×k convolutions' LoRA: they need train='lora' and "
+                   f"lora_preset='full' (got train={self.train!r}, lora_preset={self.lora_preset!r}, whose LoRA "
+                   "has no k×k convolution)"),
                   (self.cache_latents is False or self.center_crop,
                    "cache_latents needs center_crop: a cached latent is one fixed crop (random flips are cached "
                    "both ways)")]
