@@ -47,16 +47,51 @@ DATA = dict(n=384, seed=0, replay=0.5)
 # one recipe per method: finetune flags beyond --data/--output. Chosen so each run takes a few minutes on 2 cores.
 COMMON = ["--batch-size", "16", "--warmup-steps", "10", "--lr-schedule", "cosine", "--cache-latents", "--random-flip",
           "--seed", "0", "--validation-steps", "0", "--no-progress"]
+# LoRA: diffusers' recommended settings (train_text_to_image_lora: rank 4, α = r, lr 1e-4 at batch 1), the learning
+# rate scaled to batch 16 by the square root, 1e-4 · √16 = 4e-4 (Adam's rule, Malladi et al. 2022), or linearly,
+# 1e-4 · 16 = 1.6e-3 (diffusers' --scale_lr). LORA_LR is the one the measurements chose (docs/finetuning.md §6).
+LORA_STEPS = "1200"
+LORA_LR = "1.6e-3"
+
+
+def lora_recipe(preset: str, rank: int = 4, lr: str = LORA_LR, conv_rank: int | None = None) -> list[str]:
+    """The flags of a LoRA row: a LyCORIS preset at rank r (α = r), conv rank for preset full's k×k convolutions."""
+    conv = ["--lora-conv-rank", str(conv_rank)] if conv_rank else []
+    return ["--train", "lora", "--lora-preset", preset, "--lora-rank", str(rank), *conv, "--lora-export", "separate",
+            "--steps", LORA_STEPS, "--lr", lr]
+
+
 # last-up-blocks 2: the last block (8×8, no attention) cannot read the prompt; the one before it has cross-attention
 METHODS = {
     "full": ["--train", "unet", "--steps", "800", "--lr", "5e-4"],
     "last-n": ["--train", "last-up-blocks", "--up-blocks", "2", "--steps", "800", "--lr", "5e-4"],
-    "lora": ["--train", "lora", "--lora-rank", "16", "--lora-export", "separate", "--steps", "1200", "--lr", "5e-3"],
+    "lora": lora_recipe("attn-only"),
+    "lora-attn-mlp": lora_recipe("attn-mlp"),
+    "lora-full": lora_recipe("full"),
     "ti": ["--train", "textual-inversion", "--placeholder-token", PLACEHOLDER, "--initializer-token", "square",
            "--steps", "600", "--lr", "1e-2"],
 }
-LABELS = {"full": "full U-Net", "last-n": "last 2 up-blocks", "lora": "LoRA r=16 (attention)",
-          "ti": f"textual inversion `{PLACEHOLDER}`"}
+# the measurements behind the choices (not run by default): the learning-rate scaling, the rank sweep, and the recipe
+# of the first documented run (rank 16, lr 5e-3: the forgetting issue #27 asks about)
+SWEEP = {
+    "lora-sqrt-lr": lora_recipe("attn-only", lr="4e-4"),
+    "lora-full-sqrt-lr": lora_recipe("full", lr="4e-4"),
+    "lora-r16-lr5e-3": ["--train", "lora", "--lora-preset", "attn-only", "--lora-rank", "16", "--lora-export",
+                        "separate", "--steps", LORA_STEPS, "--lr", "5e-3"],
+}
+METHODS.update(SWEEP)
+DEFAULT_METHODS = ("full", "last-n", "lora", "lora-attn-mlp", "lora-full", "ti")
+LABELS = {"full": "full U-Net", "last-n": "last 2 up-blocks", "ti": f"textual inversion `{PLACEHOLDER}`"}
+
+
+def label(method: str) -> str:
+    """The table's name of a row: LoRA rows say preset, rank (conv rank) and lr."""
+    if method in LABELS:
+        return LABELS[method]
+    f = METHODS[method]
+    arg = lambda flag: f[f.index(flag) + 1] if flag in f else None   # noqa: E731
+    conv = f", conv r={arg('--lora-conv-rank')}" if arg("--lora-conv-rank") else ""
+    return f"LoRA {arg('--lora-preset')} r={arg('--lora-rank')}{conv}, lr {arg('--lr')}"
 
 
 # ------------------------------------------------------------------------------------------------ one method
@@ -73,7 +108,7 @@ def trained_file(method: str, out: Path) -> Path | None:
     """The file a user keeps after the run: what holds exactly the trained tensors."""
     if method == "full":
         return out / "unet" / "diffusion_pytorch_model.safetensors"
-    if method == "lora":
+    if method.startswith("lora"):
         return out / "lora.safetensors"
     if method == "ti":
         return out / "learned_embeds.safetensors"
@@ -94,8 +129,8 @@ def _prod(shape) -> int:
     return n
 
 
-def supports(method: str) -> bool:
-    """Whether this checkout's `minidiff finetune` knows the method's --train value."""
+def missing(method: str) -> list[str]:
+    """What this checkout's `minidiff finetune` lacks to run the method: its --train value or flags ([] = nothing)."""
     try:
         from minidiff.commands.finetune import add_arguments     # where the CLI lives once minidiff.train exists
     except ImportError:
@@ -103,7 +138,10 @@ def supports(method: str) -> bool:
     p = argparse.ArgumentParser()
     add_arguments(p)
     choices = next(a.choices for a in p._actions if a.dest == "train")
-    return choices is None or METHODS[method][1] in choices
+    if choices is not None and METHODS[method][1] not in choices:
+        return [f"--train {METHODS[method][1]}"]
+    flags = {s for a in p._actions for s in a.option_strings}
+    return [f for f in METHODS[method] if f.startswith("--") and f not in flags]
 
 
 def train_method(method: str, data: Path, out: Path, threads: int, steps: int | None = None) -> dict:
@@ -128,7 +166,7 @@ def tuned_pipe(method: str, out: Path):
         pipe = minidiff.load()
         pipe.load_embedding(str(out / "learned_embeds.safetensors"))
         return pipe, {CONCEPT: PLACEHOLDER}
-    if method == "lora":
+    if method.startswith("lora"):
         from minidiff.lora import apply_lora
         return apply_lora(minidiff.load(), out / "lora.safetensors"), {}
     return minidiff.load(str(out)), {}
@@ -152,7 +190,7 @@ def run_experiment(methods, work: Path, threads: int = 1, seeds: int = 8, steps:
                    log=print, jobs: int = 1, n: int | None = None, eval_steps: int = EVAL["steps"]) -> dict:
     """Build the data, measure the base model, train each method (`jobs` finetune commands at once), then measure
     each (`n`, `eval_steps`: smaller, for a smoke run). -> {"base": ..., "rows": {...}}."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
     import torch
     import minidiff
     from minidiff.data.shapes import make_concept_dataset
@@ -160,26 +198,29 @@ def run_experiment(methods, work: Path, threads: int = 1, seeds: int = 8, steps:
     spec = {**DATA, "n": n or DATA["n"]}
     data = make_concept_dataset(work / "data", concept=CONCEPT, **spec)
     data_ti = make_concept_dataset(work / "data-ti", concept=CONCEPT, word=PLACEHOLDER, **spec)
+    load_start = load_average()
     base = measure(minidiff.load(), seeds=seeds, steps=eval_steps)
     log(f"base: {base}")
-    rows = {m: {"skipped": f"not run: needs `minidiff finetune --train {METHODS[m][1]}`"}
-            for m in methods if not supports(m)}
+    rows = {m: {"skipped": f"not run: needs `minidiff finetune {' '.join(missing(m))}`"} for m in methods if missing(m)}
     steps_of = {m: int(METHODS[m][METHODS[m].index("--steps") + 1]) for m in METHODS}
     todo = sorted((m for m in methods if m not in rows), key=lambda m: -steps_of[m])   # the longest runs first
     with ThreadPoolExecutor(max(1, jobs)) as pool:                 # each job is a subprocess: threads suffice
-        runs = dict(zip(todo, pool.map(lambda m: train_method(m, data_ti if m == "ti" else data, work / m, threads,
-                                                              steps), todo)))
+        futures = {pool.submit(train_method, m, data_ti if m == "ti" else data, work / m, threads, steps): m
+                   for m in todo}
+        for done in as_completed(futures):                         # measured here as each run ends
+            m, trained = futures[done], done.result()               # (a failed run raises here)
+            pipe, words = tuned_pipe(m, work / m)
+            before = measure(minidiff.load(), words, seeds, eval_steps) if m == "ti" else base   # no "<cross>" yet
+            rows[m] = {**trained, "before": before, "after": measure(pipe, words, seeds, eval_steps)}
+            log(f"{m}: {rows[m]}")
     for m in methods:
-        if m in rows:
+        if "skipped" in rows[m]:
             log(f"{m}: {rows[m]['skipped']}")
-            continue
-        out, t = work / m, runs[m]
-        pipe, words = tuned_pipe(m, out)
-        before = measure(minidiff.load(), words, seeds, eval_steps) if m == "ti" else base   # no "<cross>" yet
-        rows[m] = {**t, "before": before, "after": measure(pipe, words, seeds, eval_steps)}
-        log(f"{m}: {rows[m]}")
     return {"base": base, "rows": {m: rows[m] for m in methods}, "seeds": seeds, "threads": threads,
-            "jobs": jobs, "data": spec, "eval_steps": eval_steps}
+            "jobs": jobs, "data": spec, "eval_steps": eval_steps,
+            "measured": {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(),
+                         "load_average_start": load_start, "load_average_end": load_average(),
+                         "versions": versions()}}
 
 
 GRID_PROMPTS = ["a red cross", "a blue cross", "a purple cross", "a green cross", "a red circle", "a yellow square",
@@ -223,26 +264,47 @@ def table(result: dict) -> str:
     base = result["base"]
     for m, r in result["rows"].items():
         if "skipped" in r:
-            lines.append(f"| {LABELS[m]} | {r['skipped']} | | | | | | |")
+            lines.append(f"| {label(m)} | {r['skipped']} | | | | | | |")
             continue
         b, a = r["before"], r["after"]
         forget = 100 * (base["original"] - a["original"])
-        lines.append(f"| {LABELS[m]} | {r['params']:,} | {pct(b['concept'])} → **{pct(a['concept'])}** | "
+        lines.append(f"| {label(m)} | {r['params']:,} | {pct(b['concept'])} → **{pct(a['concept'])}** | "
                      f"{pct(a['held_out_colour'])} | {pct(a['original'])} ({forget:+.1f} points) | "
                      f"{r['wall_s']:.0f} s | `{r['file']}` | {size(r['bytes'])} |")
     return "\n".join(lines)
+
+
+def machine_line(result: dict) -> str:
+    """Where and how a result was measured (date, CPU, load average at the start and the end, parallel runs)."""
+    m = result["measured"]
+    return (f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores shared with other jobs, load average "
+            f"{m['load_average_start']} at the start, {m['load_average_end']} at the end), torch threads "
+            f"{result['threads']}, {result['jobs']} finetune run(s) at a time; {m['versions']}.")
+
+
+def merge(result: dict, earlier: dict) -> dict:
+    """`result` plus the rows of an `earlier` result (its --json) that it did not re-run, each marked with where it
+    was measured (the base model's numbers must agree: the same model, seeds and sampler)."""
+    if (earlier["base"]["concept"], earlier["base"]["original"]) != (result["base"]["concept"],
+                                                                      result["base"]["original"]):
+        raise ValueError(f"the earlier result's base model measured {earlier['base']}, this one {result['base']}")
+    kept = {m: {**r, "from_earlier": True} for m, r in earlier["rows"].items() if m not in result["rows"]}
+    return {**result, "rows": {**kept, **result["rows"]}, "earlier": {k: v for k, v in earlier.items()
+                                                                       if k not in ("rows", "base", "earlier")}}
 
 
 def report(result: dict, argv: list[str]) -> str:
     base = result["base"]
     n = result["seeds"]
     cmds = "\n".join(f"{m}: `{r['command']}`" + "  " for m, r in result["rows"].items() if "command" in r)
+    earlier = [m for m, r in result["rows"].items() if r.get("from_earlier")]
+    head = [machine_line(result), f"Command: `python benchmarks/new_concept.py {shlex.join(argv)}`".rstrip()]
+    if earlier:
+        e = result["earlier"]
+        head += ["", f"Rows {', '.join(label(m) for m in earlier)}: kept from an earlier run (not re-run): "
+                     + machine_line(e) + (f" Command: `{e['command']}`." if "command" in e else "")]
     return "\n".join([
-        BEGIN,
-        f"Measured {time.strftime('%Y-%m-%d')} on {cpu_model()} ({os.cpu_count()} cores shared with other jobs, "
-        f"load average {load_average()}), torch threads {result['threads']}, {result['jobs']} finetune run(s) at a "
-        f"time; {versions()}.",
-        f"Command: `python benchmarks/new_concept.py {shlex.join(argv)}`".rstrip() + "",
+        BEGIN, *head,
         "",
         f"Base model: new concept {pct(base['concept'])}, green cross {pct(base['held_out_colour'])}, original 15 pairs "
         f"{pct(base['original'])} ({n} seeds each; {5 * n} concept images, {15 * n} original images per model).",
@@ -269,8 +331,8 @@ def write_into(path: Path, block: str) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="full,last-n,lora,ti",
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--out", default=None, help="also write the report into this markdown file (between the markers)")
     p.add_argument("--json", default=None, help="also write the numbers as JSON")
     p.add_argument("--grid", default=None, help="also write a PNG: the grid prompts × seeds × (base, each method)")
@@ -282,6 +344,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="override every method's steps (a smoke run)")
     p.add_argument("--jobs", type=int, default=1, help="finetune runs at a time (default 1; wall times then include "
                                                        "waiting for each other)")
+    p.add_argument("--merge", default=None, metavar="JSON",
+                   help="keep the rows of an earlier run (its --json) that this one does not re-run, marked as such")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -298,6 +362,9 @@ def main(argv=None) -> int:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
+    result["measured"]["command"] = f"python benchmarks/new_concept.py {shlex.join(argv)}"
+    if args.merge:
+        result = merge(result, json.loads(Path(args.merge).read_text()))
     text = report(result, argv)
     print(text)
     if args.out:
