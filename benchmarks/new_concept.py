@@ -61,26 +61,33 @@ def lora_recipe(preset: str, rank: int = 4, lr: str = LORA_LR, conv_rank: int | 
             "--steps", LORA_STEPS, "--lr", lr]
 
 
-# last-up-blocks 2: the last block (8×8, no attention) cannot read the prompt; the one before it has cross-attention
+# last-up-blocks 2: the last block (8×8, no attention) cannot read the prompt; the one before it has cross-attention.
+# The LoRA rows: each preset at rank 4, and preset full at rank 8 (the recommended recipe, `minidiff finetune`'s
+# default preset and rank).
 METHODS = {
     "full": ["--train", "unet", "--steps", "800", "--lr", "5e-4"],
     "last-n": ["--train", "last-up-blocks", "--up-blocks", "2", "--steps", "800", "--lr", "5e-4"],
+    "ti": ["--train", "textual-inversion", "--placeholder-token", PLACEHOLDER, "--initializer-token", "square",
+           "--steps", "600", "--lr", "1e-2"],
     "lora": lora_recipe("attn-only"),
     "lora-attn-mlp": lora_recipe("attn-mlp"),
     "lora-full": lora_recipe("full"),
-    "ti": ["--train", "textual-inversion", "--placeholder-token", PLACEHOLDER, "--initializer-token", "square",
-           "--steps", "600", "--lr", "1e-2"],
+    "lora-full-r8": lora_recipe("full", rank=8),
 }
-# the measurements behind the choices (not run by default): the learning-rate scaling, the rank sweep, and the recipe
-# of the first documented run (rank 16, lr 5e-3: the forgetting issue #27 asks about)
-SWEEP = {
+DEFAULT_METHODS = tuple(METHODS)
+# the measurements behind the choices (not run by default): the rank sweep of preset full, another seed, the
+# learning-rate scaling, and the recipe of the first documented run (rank 16, lr 5e-3: the forgetting of issue #27)
+METHODS.update({
+    "lora-full-r2": lora_recipe("full", rank=2),
+    "lora-full-r16": lora_recipe("full", rank=16),
+    "lora-full-r4-conv8": lora_recipe("full", rank=4, conv_rank=8),
+    "lora-full-r8-conv4": lora_recipe("full", rank=8, conv_rank=4),
+    "lora-full-r8-seed1": [*lora_recipe("full", rank=8), "--seed", "1"],   # the same recipe, another seed
     "lora-sqrt-lr": lora_recipe("attn-only", lr="4e-4"),
     "lora-full-sqrt-lr": lora_recipe("full", lr="4e-4"),
     "lora-r16-lr5e-3": ["--train", "lora", "--lora-preset", "attn-only", "--lora-rank", "16", "--lora-export",
                         "separate", "--steps", LORA_STEPS, "--lr", "5e-3"],
-}
-METHODS.update(SWEEP)
-DEFAULT_METHODS = ("full", "last-n", "lora", "lora-attn-mlp", "lora-full", "ti")
+})
 LABELS = {"full": "full U-Net", "last-n": "last 2 up-blocks", "ti": f"textual inversion `{PLACEHOLDER}`"}
 
 
@@ -91,7 +98,8 @@ def label(method: str) -> str:
     f = METHODS[method]
     arg = lambda flag: f[f.index(flag) + 1] if flag in f else None   # noqa: E731
     conv = f", conv r={arg('--lora-conv-rank')}" if arg("--lora-conv-rank") else ""
-    return f"LoRA {arg('--lora-preset')} r={arg('--lora-rank')}{conv}, lr {arg('--lr')}"
+    seed = f", seed {arg('--seed')}" if arg("--seed") else ""
+    return f"LoRA {arg('--lora-preset')} r={arg('--lora-rank')}{conv}, lr {arg('--lr')}{seed}"
 
 
 # ------------------------------------------------------------------------------------------------ one method
@@ -172,6 +180,21 @@ def tuned_pipe(method: str, out: Path):
     return minidiff.load(str(out)), {}
 
 
+def lora_change(out: Path) -> dict[str, float]:
+    """{module path: ‖ΔW‖ / ‖W₀‖} of a run's LoRA on the base model's weights (Frobenius norms): how far each layer
+    moved from what the model knew."""
+    import minidiff
+    from minidiff.formats.lora import parse_lora, read_file
+    base = minidiff.load()
+    tensors, header = read_file(out / "lora.safetensors")
+    parts = {"unet": base.unet, "text_encoder": base.text_encoder}
+    change = {}
+    for e in parse_lora(base, tensors, header):
+        w = parts[e.part].get_submodule(e.path).weight
+        change[f"{e.part}.{e.path}"] = round(float(e.delta().norm() / w.norm()), 4)
+    return change
+
+
 # ------------------------------------------------------------------------------------------------ measuring
 def measure(pipe, words: dict | None = None, seeds: int = 8, steps: int = EVAL["steps"]) -> dict:
     """Adherence (fraction of images judged correct) on the new concept, the held-out colour and the old pairs
@@ -212,6 +235,8 @@ def run_experiment(methods, work: Path, threads: int = 1, seeds: int = 8, steps:
             pipe, words = tuned_pipe(m, work / m)
             before = measure(minidiff.load(), words, seeds, eval_steps) if m == "ti" else base   # no "<cross>" yet
             rows[m] = {**trained, "before": before, "after": measure(pipe, words, seeds, eval_steps)}
+            if m.startswith("lora"):
+                rows[m]["change"] = lora_change(work / m)
             log(f"{m}: {rows[m]}")
     for m in methods:
         if "skipped" in rows[m]:
@@ -227,25 +252,28 @@ GRID_PROMPTS = ["a red cross", "a blue cross", "a purple cross", "a green cross"
                 "a blue triangle"]
 
 
-def method_grid(work: Path, methods, seeds=(0, 1, 2), cell: int = 64):
-    """One row per prompt of GRID_PROMPTS; for each seed, a column for the base model and one per trained method
-    (textual inversion's prompts say "<cross>"). -> a PIL image (minidiff.compare.make_grid)."""
+def method_grid(work, methods, seeds=(0, 1, 2), cell: int = 64, by_method: bool = False):
+    """The base model and each trained method (found in `work`, a folder or a list of them) on the GRID_PROMPTS
+    (textual inversion's prompts say "<cross>"), the same seeds for every model. by_method=False: one row per prompt,
+    for each seed a column per model; True: one row per model, a column per prompt and seed. -> a PIL image."""
     import minidiff
     from minidiff.compare import make_grid
     from minidiff.shapes_eval import EVAL
     kw = dict(steps=EVAL["steps"], scheduler=EVAL["scheduler"], guidance_scale=EVAL["guidance_scale"], progress=False)
-    models = [("base", minidiff.load(), {})] + [(m, *tuned_pipe(m, work / m)) for m in methods
-                                                  if (work / m / "model_index.json").exists()]
-    rows = []
-    for prompt in GRID_PROMPTS:
-        row = []
-        for s in seeds:
-            for _, pipe, words in models:
-                p = prompt.replace(f" {CONCEPT}", f" {words[CONCEPT]}") if CONCEPT in words else prompt
-                row.append(pipe.generate(p, seed=s, **kw)[0])
-        rows.append(row)
-    cols = [f"{name} s{s}" for s in seeds for name, _, _ in models]
-    return make_grid(rows, GRID_PROMPTS, cols, cell=cell)
+    works = [Path(w) for w in (work if isinstance(work, (list, tuple)) else [work])]
+    found = {m: next((w / m for w in works if (w / m / "model_index.json").exists()), None) for m in methods}
+    models = [("base", minidiff.load(), {})] + [(m, *tuned_pipe(m, out)) for m, out in found.items() if out]
+
+    def image(pipe, words, prompt, s):
+        p = prompt.replace(f" {CONCEPT}", f" {words[CONCEPT]}") if CONCEPT in words else prompt
+        return pipe.generate(p, seed=s, **kw)[0]
+
+    if by_method:
+        rows = [[image(pipe, words, p, s) for p in GRID_PROMPTS for s in seeds] for _, pipe, words in models]
+        names = ["base model" if m == "base" else label(m) for m, _, _ in models]
+        return make_grid(rows, names, [f"{p} s{s}" for p in GRID_PROMPTS for s in seeds], cell=cell)
+    rows = [[image(pipe, words, p, s) for s in seeds for _, pipe, words in models] for p in GRID_PROMPTS]
+    return make_grid(rows, GRID_PROMPTS, [f"{name} s{s}" for s in seeds for name, _, _ in models], cell=cell)
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -284,25 +312,28 @@ def machine_line(result: dict) -> str:
 
 def merge(result: dict, earlier: dict) -> dict:
     """`result` plus the rows of an `earlier` result (its --json) that it did not re-run, each marked with where it
-    was measured (the base model's numbers must agree: the same model, seeds and sampler)."""
+    was measured (the base model's numbers must agree: the same model, seeds and sampler). Merging several earlier
+    results one after the other keeps each one's provenance."""
     if (earlier["base"]["concept"], earlier["base"]["original"]) != (result["base"]["concept"],
                                                                       result["base"]["original"]):
         raise ValueError(f"the earlier result's base model measured {earlier['base']}, this one {result['base']}")
-    kept = {m: {**r, "from_earlier": True} for m, r in earlier["rows"].items() if m not in result["rows"]}
-    return {**result, "rows": {**kept, **result["rows"]}, "earlier": {k: v for k, v in earlier.items()
-                                                                       if k not in ("rows", "base", "earlier")}}
+    source = {k: v for k, v in earlier.items() if k not in ("rows", "base", "sources")}
+    sources = result.get("sources", [])
+    kept = {m: {**r, "source": len(sources)} for m, r in earlier["rows"].items() if m not in result["rows"]}
+    rows = sorted({**kept, **result["rows"]}.items(), key=lambda mr: list(METHODS).index(mr[0]))   # METHODS' order
+    return {**result, "rows": dict(rows), "sources": [*sources, source]}
 
 
-def report(result: dict, argv: list[str]) -> str:
+def report(result: dict) -> str:
     base = result["base"]
     n = result["seeds"]
     cmds = "\n".join(f"{m}: `{r['command']}`" + "  " for m, r in result["rows"].items() if "command" in r)
-    earlier = [m for m, r in result["rows"].items() if r.get("from_earlier")]
-    head = [machine_line(result), f"Command: `python benchmarks/new_concept.py {shlex.join(argv)}`".rstrip()]
-    if earlier:
-        e = result["earlier"]
-        head += ["", f"Rows {', '.join(label(m) for m in earlier)}: kept from an earlier run (not re-run): "
-                     + machine_line(e) + (f" Command: `{e['command']}`." if "command" in e else "")]
+    head = [machine_line(result), f"Command: `{result['measured']['command']}`"]
+    for i, e in enumerate(result.get("sources", [])):
+        kept = [label(m) for m, r in result["rows"].items() if r.get("source") == i]
+        if kept:
+            head += ["", f"Rows {', '.join(kept)}: from an earlier run — " + machine_line(e)
+                     + (f" Command: `{e['measured']['command']}`." if "command" in e["measured"] else "")]
     return "\n".join([
         BEGIN, *head,
         "",
@@ -344,13 +375,24 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="override every method's steps (a smoke run)")
     p.add_argument("--jobs", type=int, default=1, help="finetune runs at a time (default 1; wall times then include "
                                                        "waiting for each other)")
-    p.add_argument("--merge", default=None, metavar="JSON",
-                   help="keep the rows of an earlier run (its --json) that this one does not re-run, marked as such")
+    p.add_argument("--merge", nargs="+", default=(), metavar="JSON",
+                   help="keep the rows of earlier runs (their --json) that this one does not re-run, with where each "
+                        "was measured (the first file's row wins)")
+    p.add_argument("--grid-rows", choices=("prompts", "methods"), default="prompts",
+                   help="the --grid's rows: one per prompt (a column per seed and model) or one per model")
+    p.add_argument("--grid-only", action="store_true",
+                   help="train and measure nothing: draw --grid from the runs already in --work (comma-separated "
+                        "folders)")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         p.error(f"--methods: unknown {bad or methods}; choose from {','.join(METHODS)}")
+    if args.grid_only:
+        if not (args.grid and args.work):
+            p.error("--grid-only needs --grid and --work")
+        method_grid(args.work.split(","), methods, by_method=args.grid_rows == "methods").save(args.grid)
+        return 0
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="minidiff-new-concept-"))
     if args.work and any(work.iterdir() if work.exists() else ()):
         p.error(f"--work {work} is not empty (the runs refuse to overwrite each other); pick a new folder")
@@ -358,14 +400,14 @@ def main(argv=None) -> int:
         result = run_experiment(methods, work, args.threads, args.seeds, args.steps,
                                 log=lambda s: print(s, file=sys.stderr), jobs=args.jobs)
         if args.grid:
-            method_grid(work, methods).save(args.grid)
+            method_grid(work, methods, by_method=args.grid_rows == "methods").save(args.grid)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     result["measured"]["command"] = f"python benchmarks/new_concept.py {shlex.join(argv)}"
-    if args.merge:
-        result = merge(result, json.loads(Path(args.merge).read_text()))
-    text = report(result, argv)
+    for earlier in args.merge:
+        result = merge(result, json.loads(Path(earlier).read_text()))
+    text = report(result)
     print(text)
     if args.out:
         write_into(Path(args.out), text)
