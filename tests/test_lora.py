@@ -197,7 +197,8 @@ def test_forward_takes_a_residual():
 
 def test_finetune_lora_exports_merged_and_separate(tiny, tmp_path):
     out = tmp_path / "out"
-    train(cfg_for(tiny, out, steps=3, train="lora", lora_rank=2, lora_alpha=4, lora_export="separate", lr=1e-2))
+    train(cfg_for(tiny, out, steps=3, train="lora", lora_preset="attn-only", lora_rank=2, lora_alpha=4,
+                  lora_export="separate", lr=1e-2))
     tuned, base = minidiff.load(out), minidiff.load(tiny["model"])
     t, b = tuned.unet.state_dict(), base.unet.state_dict()
     changed = {k for k in b if not torch.equal(t[k], b[k])}
@@ -208,8 +209,8 @@ def test_finetune_lora_exports_merged_and_separate(tiny, tmp_path):
     assert read_lora(out / "lora.safetensors")[1]["base_model"] == tiny["model"]
     assert all(torch.equal(v, base.text_encoder.state_dict()[k]) for k, v in tuned.text_encoder.state_dict().items())
     # --lora-text-encoder: the text encoder's LoRA trains too, and is in the merged model and in the file
-    train(cfg_for(tiny, tmp_path / "te", steps=3, train="lora", lora_rank=2, lora_text_encoder=True,
-                  lora_export="separate", lr=1e-2))
+    train(cfg_for(tiny, tmp_path / "te", steps=3, train="lora", lora_preset="attn-mlp", lora_rank=2,
+                  lora_text_encoder=True, lora_export="separate", lr=1e-2))
     tuned, base = minidiff.load(tmp_path / "te"), minidiff.load(tiny["model"])
     t, b = tuned.text_encoder.state_dict(), base.text_encoder.state_dict()
     changed = {k for k in b if not torch.equal(t[k], b[k])}

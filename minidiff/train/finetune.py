@@ -64,8 +64,10 @@ class FinetuneConfig:
     # what trains
     train: str = "unet"                         # "unet" | "last-up-blocks" | "lora" | "textual-inversion"
     up_blocks: int = 1                          # with train="last-up-blocks": how many (from the output end)
-    lora_preset: str = "attn-only"              # with train="lora": "attn-only" | "attn-mlp" | "full" (LyCORIS')
-    lora_rank: int = 4                          # r of every Linear and 1×1 conv
+    # with train="lora": where LoRA goes, LyCORIS' "attn-only" | "attn-mlp" | "full" (minidiff.lora.LORA_PRESETS).
+    # full at rank 8: the smallest LoRA that learned the new concept as well as the full U-Net (docs/finetuning.md §6)
+    lora_preset: str = "full"
+    lora_rank: int = 8                          # r of every Linear and 1×1 conv
     lora_alpha: float | None = None             # None = the rank (α/r = 1)
     lora_conv_rank: int | None = None           # r of the k×k convs (preset "full"); None = lora_rank
     lora_conv_alpha: float | None = None        # their α; None = lora_alpha (None: α = their rank)
