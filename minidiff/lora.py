@@ -68,6 +68,7 @@ LORA_PRESETS = {
     "full": LoRAPreset(unet=UNET_TARGETS + UNET_RESNET_TARGETS + UNET_EDGE_TARGETS, text_encoder=TEXT_ENCODER_TARGETS),
 }
 
+
 def _target_paths(model: nn.Module, targets=TARGETS) -> list[str]:
     """The names of the nn.Linear / nn.Conv2d layers whose path ends with one of `targets` (e.g. '...attn2.to_out.0')."""
     return [name for name, m in model.named_modules()
@@ -96,6 +97,7 @@ def inject_lora(model: nn.Module, rank: int, alpha: float | None = None, targets
         spatial = getattr(model.get_submodule(path), "kernel_size", (1, 1)) != (1, 1)   # a k×k conv, k > 1
         out[path] = wrap_layer(model, path, conv_rank if spatial else rank, conv_alpha if spatial else alpha)
     return out
+
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable tensors: every A and B (nothing else)."""

@@ -38,6 +38,12 @@ def folder():
     return shared_folder()
 
 
+@pytest.fixture(scope="module")
+def locon(folder):
+    """The kohya file (diffusers module names) of the test below, built once."""
+    return _kohya_file(load_diffusers(folder), compvis=False)
+
+
 def _modules(model, classes, named=()) -> dict[str, nn.Module]:
     """{path: Linear | Conv2d} of every such layer inside a module of one of `classes`, plus the `named` layers."""
     found = {}
@@ -177,11 +183,10 @@ def test_every_module_a_downloaded_lora_touches_loads_with_diffusers_image(folde
     "lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a",                     # LyCORIS LoHa
     "lora_unet_input_blocks_12_0_emb_layers_1.lora_down.weight",             # a CompVis block the model lacks
 ])
-def test_a_key_minidiff_does_not_apply_is_an_error_naming_it(folder, tmp_path, key):
+def test_a_key_minidiff_does_not_apply_is_an_error_naming_it(folder, locon, tmp_path, key):
     """Added to a file that is otherwise fine (every module above), one key minidiff cannot apply: the file is refused
     with that key in the message, not loaded without it."""
-    sd = _kohya_file(load_diffusers(folder), compvis=False)
-    sd[key] = torch.zeros(2, 4)
+    sd = {**locon, key: torch.zeros(2, 4)}
     save_file(sd, str(tmp_path / "extra.safetensors"))
     for load in (apply_lora, load_lora):
         with pytest.raises(LoRAFileError, match=re.escape(repr(key))):

@@ -2,8 +2,8 @@
 
   OUT/                     a diffusers model folder (minidiff.load, diffusers' StableDiffusionPipeline)
   OUT/lora.safetensors     --train lora --lora-export separate: the LoRA (the U-Net's, and the text encoder's with
-                           --lora-text-encoder) in the diffusers/PEFT layout (load_lora_weights; minidiff.lora.apply_lora
-                           on the base) ...
+                           --lora-text-encoder) in the diffusers/PEFT layout (load_lora_weights;
+                           minidiff.lora.apply_lora on the base) ...
   OUT/lora_kohya.safetensors   ... and the same in the kohya layout (AUTOMATIC1111, ComfyUI)
   OUT/learned_embeds.safetensors      --train textual-inversion: {token: [d] or [n, d]} (diffusers)
   OUT/<token>.pt, OUT/<token>.safetensors   the same vectors in AUTOMATIC1111's form

@@ -71,8 +71,8 @@ class FinetuneConfig:
     lora_alpha: float | None = None             # None = the rank (α/r = 1)
     lora_conv_rank: int | None = None           # r of the k×k convs (preset "full"); None = lora_rank
     lora_conv_alpha: float | None = None        # their α; None = lora_alpha (None: α = their rank)
-    lora_export: str = "merge"                  # "merge" | "separate" (also writes OUT/lora.safetensors)
-    lora_text_encoder: bool = False             # with train="lora": LoRA on the text encoder's q/k/v/out too
+    lora_export: str = "merge"                  # "merge" | "separate" (+ OUT/lora.safetensors, lora_kohya.safetensors)
+    lora_text_encoder: bool = False             # with train="lora": LoRA on the text encoder too (the preset's layers)
     placeholder_token: str | None = None        # with train="textual-inversion": the new word, e.g. "<pika>"
     initializer_token: str | None = None        # ... a word whose vector it starts from, e.g. "pokemon"
     num_vectors: int = 1                        # ... vectors the new word stands for
