@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 
+from ..lora import LORA_PRESETS
 from ..train.finetune import PRECISIONS, PRESETS, FinetuneConfig, train
 from ..train.optim import LR_SCHEDULES
 from ..train.reports import REPORT_TO
@@ -45,13 +46,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt("--train", choices=TRAIN_MODES,
         help="the whole U-Net, its last N up-blocks, LoRA adapters, or a new word (textual inversion)")
     opt("--up-blocks", type=int, help="with --train last-up-blocks: N, counted from the output end")
-    opt("--lora-rank", type=int, help="with --train lora: the rank r")
+    opt("--lora-preset", choices=tuple(LORA_PRESETS),
+        help="with --train lora: where LoRA goes (LyCORIS' presets): attn-only = the attention projections; "
+             "attn-mlp = + the transformers' feed-forward and proj_in/proj_out; full = + the ResNet convolutions, "
+             "time_emb_proj, the down/up-samplers, conv_in/conv_out and the time embedding (LoCon)")
+    opt("--lora-rank", type=int, help="with --train lora: the rank r of every Linear and 1×1 conv")
     opt("--lora-alpha", type=float, help="with --train lora: α in ΔW = α/r · B A; none: α = r")
+    opt("--lora-conv-rank", type=int,
+        help="with --lora-preset full: the rank of the k×k convolutions (kohya's conv_dim); none: --lora-rank")
+    opt("--lora-conv-alpha", type=float,
+        help="with --lora-preset full: their α (kohya's conv_alpha); none: --lora-alpha")
     opt("--lora-export", choices=("merge", "separate"),
-        help="merge: LoRA folded into OUT's weights; separate: the same, plus OUT/lora.safetensors for "
-             "minidiff.lora.apply_lora on the base model")
+        help="merge: LoRA folded into OUT's weights; separate: the same, plus the LoRA alone for the base model: "
+             "OUT/lora.safetensors (diffusers/PEFT: load_lora_weights, minidiff.lora.apply_lora) and "
+             "OUT/lora_kohya.safetensors (kohya: AUTOMATIC1111, ComfyUI)")
     opt("--lora-text-encoder", action=argparse.BooleanOptionalAction,
-        help="with --train lora: LoRA on the text encoder's q/k/v/out projections too")
+        help="with --train lora: LoRA on the text encoder too (its attention projections, and its MLP but for "
+             "--lora-preset attn-only)")
     opt("--placeholder-token", help="with --train textual-inversion: the new word, e.g. '<pika>' (not yet a word "
                                     "of the vocabulary); write it into the captions")
     opt("--initializer-token", help="with --train textual-inversion: one existing word the new one starts from")

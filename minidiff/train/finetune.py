@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..errors import InputValueError
+from ..lora import LORA_PRESETS
 from ..settings import (SEED_MAX, Bool, Choice, Device, Existing, Folder, Int, Ints, Output, Real, Sampler, Text,
                         Texts, check_on_this_machine, check_settings)
 from . import loop, objective
@@ -66,10 +67,15 @@ class FinetuneConfig:
     # what trains
     train: str = "unet"                         # "unet" | "last-up-blocks" | "lora" | "textual-inversion"
     up_blocks: int = 1                          # with train="last-up-blocks": how many (from the output end)
-    lora_rank: int = 4
+    # with train="lora": where LoRA goes, LyCORIS' "attn-only" | "attn-mlp" | "full" (minidiff.lora.LORA_PRESETS).
+    # full at rank 8: the smallest LoRA that learned the new concept as well as the full U-Net (docs/finetuning.md §6)
+    lora_preset: str = "full"
+    lora_rank: int = 8                          # r of every Linear and 1×1 conv
     lora_alpha: float | None = None             # None = the rank (α/r = 1)
-    lora_export: str = "merge"                  # "merge" | "separate" (also writes OUT/lora.safetensors)
-    lora_text_encoder: bool = False             # with train="lora": LoRA on the text encoder's q/k/v/out too
+    lora_conv_rank: int | None = None           # r of the k×k convs (preset "full"); None = lora_rank
+    lora_conv_alpha: float | None = None        # their α; None = lora_alpha (None: α = their rank)
+    lora_export: str = "merge"                  # "merge" | "separate" (+ OUT/lora.safetensors, lora_kohya.safetensors)
+    lora_text_encoder: bool = False             # with train="lora": LoRA on the text encoder too (the preset's layers)
     placeholder_token: str | None = None        # with train="textual-inversion": the new word, e.g. "<pika>"
     initializer_token: str | None = None        # ... a word whose vector it starts from, e.g. "pokemon"
     num_vectors: int = 1                        # ... vectors the new word stands for
@@ -144,8 +150,11 @@ FINETUNE_FIELDS = {
     "seed": Int(0, SEED_MAX),
     "train": Choice(TRAIN_MODES),
     "up_blocks": Int(1),                            # and at most the U-Net's up-blocks: checked with the model
+    "lora_preset": Choice(tuple(LORA_PRESETS)),
     "lora_rank": Int(1),
-    "lora_alpha": Real(gt=0, optional=True),
+    "lora_alpha": Real(gt=0, optional=True),       # None: α = r
+    "lora_conv_rank": Int(1, optional=True),        # None: lora_rank
+    "lora_conv_alpha": Real(gt=0, optional=True),   # None: lora_alpha
     "lora_export": Choice(LORA_EXPORTS),
     "lora_text_encoder": Bool(),
     "placeholder_token": Text(optional=True),
@@ -206,6 +215,14 @@ def _lora_text_encoder_needs_lora(c):
         return f"lora_text_encoder (--lora-text-encoder) needs train='lora' (--train lora), got train={c.train!r}"
 
 
+def _conv_lora_needs_the_full_preset(c):
+    given = [f for f in ("lora_conv_rank", "lora_conv_alpha") if getattr(c, f) is not None]
+    if given and not (c.train == "lora" and c.lora_preset == "full"):
+        return (f"{given[0]} (--{given[0].replace('_', '-')}) sets the LoRA of the k×k convolutions: it needs "
+                f"train='lora' and lora_preset='full' (--train lora --lora-preset full), got train={c.train!r}, "
+                f"lora_preset={c.lora_preset!r}, whose LoRA has no k×k convolution")
+
+
 def _cache_latents_needs_center_crop(c):
     if c.cache_latents and not c.center_crop:
         return ("cache_latents (--cache-latents) needs center_crop (--center-crop): a cached latent is one fixed "
@@ -213,7 +230,7 @@ def _cache_latents_needs_center_crop(c):
 
 
 FINETUNE_RULES = [_textual_inversion_needs_its_tokens, _tokens_need_textual_inversion, _lora_text_encoder_needs_lora,
-                  _cache_latents_needs_center_crop]
+                  _conv_lora_needs_the_full_preset, _cache_latents_needs_center_crop]
 
 
 # The monograph's recipe for ~750 Pokémon images on one 24 GB GPU (docs/finetuning.md derives its memory and time):
@@ -523,7 +540,8 @@ def _finish(cfg: FinetuneConfig, ctx: Dist, run: Run) -> None:
         unet.disable_gradient_checkpointing()
     unet.eval().requires_grad_(False)
     atomic_write(run.out / "finetune_config.json", json.dumps({**config_dict(cfg), "_world": ctx.world}, indent=2))
-    export_model(run.pipe, run.out, cfg.placeholder_token, cfg.lora_export, cfg.model, cfg.export_compvis)
+    export_model(run.pipe, run.out, cfg.placeholder_token, cfg.lora_export, cfg.model, cfg.export_compvis,
+                 cfg.lora_preset)
 
 
 __all__ = ["FinetuneConfig", "PRESETS", "PRECISIONS", "TRAIN_MODES", "LR_SCHEDULES", "UNRELATED_PROMPTS", "Dist",

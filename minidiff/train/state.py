@@ -113,10 +113,12 @@ def load_checkpoint(path: Path, trainable: dict, optimizer, scheduler, scaler, e
     """Restore everything save_checkpoint wrote; returns the state dict (step, config, ...)."""
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     weights = load_file(str(path / "trainable.safetensors"))
-    if set(weights) != set(trainable):
-        diff = sorted(set(weights) ^ set(trainable))
+    if set(weights) != set(trainable) or any(weights[n].shape != p.shape for n, p in trainable.items()):
+        diff = sorted(set(weights) ^ set(trainable)) or [n for n, p in trainable.items()
+                                                          if weights[n].shape != p.shape]   # e.g. another rank
         raise InputValueError(f"{path}: the checkpoint trains other tensors than this run (e.g. {diff[:3]}); "
-                              f"resume with the same --train / --up-blocks / --lora-rank / --num-vectors")
+                              f"resume with the same --train / --up-blocks / --lora-preset / --lora-rank / "
+                              f"--lora-conv-rank / --num-vectors")
     with torch.no_grad():
         for n, p in trainable.items():
             p.copy_(weights[n])
@@ -137,8 +139,8 @@ RESUME_EXACT = ("seed", "batch_size", "grad_accum", "lr", "resolution", "lr_sche
                 "caption_dropout", "min_snr_gamma", "noise_offset", "center_crop", "random_flip", "weight_decay",
                 "mixed_precision", "optimizer", "ema_decay", "max_grad_norm")
 # settings that change WHAT trains: a resume with another value cannot load the checkpoint's tensors
-RESUME_SAME = ("train", "up_blocks", "lora_rank", "lora_alpha", "lora_text_encoder", "placeholder_token",
-               "initializer_token", "num_vectors", "ema")
+RESUME_SAME = ("train", "up_blocks", "lora_preset", "lora_rank", "lora_alpha", "lora_conv_rank", "lora_conv_alpha",
+               "lora_text_encoder", "placeholder_token", "initializer_token", "num_vectors", "ema")
 
 
 def read_checkpoint_config(path: Path) -> dict:

@@ -2,8 +2,10 @@
 
   unet             every U-Net weight (the most capacity; the whole 3.4 GB U-Net is the result)
   last-up-blocks   the last N up-blocks of the U-Net, nearest the pixels (style and texture, less forgetting)
-  lora             low-rank adapters on the attention projections (minidiff.lora; Hu et al. 2021); with
-                   lora_text_encoder also on the text encoder's q/k/v/out projections
+  lora             low-rank adapters (minidiff.lora; Hu et al. 2021) where a LyCORIS preset puts them: the attention
+                   projections (attn-only), + the transformers' MLP and proj_in/out (attn-mlp), + the ResNet and
+                   sampling convolutions (full, LoCon); with lora_text_encoder also on the text encoder's
+                   attention (and MLP, but for attn-only)
   textual-inversion  one new word (Gal et al. 2022): a placeholder token "<pika>" is added to the vocabulary and
                    only its embedding row(s) e* ∈ R^{n×d} train; the U-Net, VAE and every other weight of the text
                    encoder stay bit-identical. The concept must then be reachable by the frozen model from one (or n)
@@ -94,10 +96,11 @@ def select_trainable(pipe, cfg) -> dict:
         for block in unet.up_blocks[n - cfg.up_blocks:]:   # the blocks nearest the output
             block.requires_grad_(True)
     elif cfg.train == "lora":
-        from ..lora import TEXT_ENCODER_TARGETS, inject_lora
-        inject_lora(unet, cfg.lora_rank, cfg.lora_alpha)
-        if cfg.lora_text_encoder:                        # CLIP's q/k/v/out projections and MLP too
-            inject_lora(te, cfg.lora_rank, cfg.lora_alpha, targets=TEXT_ENCODER_TARGETS)
+        from ..lora import LORA_PRESETS, inject_lora
+        preset = LORA_PRESETS[cfg.lora_preset]             # where LoRA goes (LyCORIS' presets, minidiff/lora.py)
+        inject_lora(unet, cfg.lora_rank, cfg.lora_alpha, preset.unet, cfg.lora_conv_rank, cfg.lora_conv_alpha)
+        if cfg.lora_text_encoder:                        # CLIP's projections too (attn-only: attention; else + MLP)
+            inject_lora(te, cfg.lora_rank, cfg.lora_alpha, targets=preset.text_encoder)
     elif cfg.train == "textual-inversion":
         add_placeholder(pipe, cfg.placeholder_token, cfg.initializer_token, cfg.num_vectors)
     else:
