@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import minidiff
-from minidiff.finetune import FinetuneConfig, train
+from minidiff.train import FinetuneConfig, train
 from minidiff.lora import LORA_PRESETS, apply_lora, inject_lora
 from test_finetune import EQUIV, cfg_for, read_log, tiny  # noqa: F401  (tiny is a fixture)
 
