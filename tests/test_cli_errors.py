@@ -140,6 +140,15 @@ CASES = [
     case(FT + ["--train", "lora", "--lora-alpha", "-1"], "--lora-alpha",
          r"lora_alpha must be a finite number > 0 or None, got -1.0 \(--lora-alpha\)",
          api=dict(train="lora", lora_alpha=-1.0)),
+    case(FT + ["--train", "lora", "--lora-preset", "everything"], "--lora-preset",
+         r"argument --lora-preset: invalid choice: 'everything'", api=None),
+    case(FT + ["--train", "lora", "--lora-conv-rank", "0"], "--lora-conv-rank",
+         r"lora_conv_rank must be an int >= 1 or None, got 0 \(--lora-conv-rank\)",
+         api=dict(train="lora", lora_conv_rank=0)),
+    case(FT + ["--train", "lora", "--lora-preset", "attn-only", "--lora-conv-alpha", "4"], "--lora-conv-alpha",
+         r"lora_conv_alpha \(--lora-conv-alpha\) sets the LoRA of the k×k convolutions: it needs lora_preset='full' "
+         r"\(--lora-preset full\); preset 'attn-only' puts no LoRA on a k×k convolution",
+         api=dict(train="lora", lora_preset="attn-only", lora_conv_alpha=4.0)),
     case(FT + ["--lora-text-encoder"], "--lora-text-encoder",
          r"lora_text_encoder \(--lora-text-encoder\) needs train='lora' \(--train lora\), got train='unet'",
          api=dict(lora_text_encoder=True)),
@@ -553,4 +562,4 @@ def test_matrix_counts():
     commands = {c.values[0][0] for c in CASES}
     assert commands == set(cli.SUBCOMMANDS)                 # every command has its cases
     assert (len(CASES), api_twins, len(AS_USERS_RUN_IT), len(API_ONLY), len(RECIPE_CASES), len(COMPARE_CASES)) == \
-        (117, 46, 11, 12, 6, 7)
+        (120, 48, 11, 12, 6, 7)

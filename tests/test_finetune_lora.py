@@ -123,11 +123,11 @@ def test_flag_errors(tiny, tmp_path):
     out = tmp_path / "x"
     with pytest.raises(ValueError, match="lora_preset must be one of"):
         cfg_for(tiny, out, train="lora", lora_preset="everything")
-    with pytest.raises(ValueError, match="lora_rank and lora_conv_rank must be >= 1"):
+    with pytest.raises(ValueError, match=r"lora_conv_rank must be an int >= 1 or None, got 0 \(--lora-conv-rank\)"):
         cfg_for(tiny, out, train="lora", lora_preset="full", lora_conv_rank=0)
-    with pytest.raises(ValueError, match="lora_alpha and lora_conv_alpha must be > 0"):
+    with pytest.raises(ValueError, match=r"lora_alpha must be a finite number > 0 or None, got 0.0 \(--lora-alpha\)"):
         cfg_for(tiny, out, train="lora", lora_alpha=0.0)
-    with pytest.raises(ValueError, match="need train='lora' and lora_preset='full'"):
+    with pytest.raises(ValueError, match="lora_conv_rank .* needs lora_preset='full' .*preset 'attn-mlp' puts no"):
         cfg_for(tiny, out, train="lora", lora_preset="attn-mlp", lora_conv_rank=2)
-    with pytest.raises(ValueError, match="need train='lora' and lora_preset='full'"):
+    with pytest.raises(ValueError, match="lora_conv_alpha .* needs train='lora' \\(--train lora\\), got train='unet'"):
         cfg_for(tiny, out, train="unet", lora_conv_alpha=2.0)

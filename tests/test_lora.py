@@ -219,7 +219,7 @@ def test_finetune_lora_exports_merged_and_separate(tiny, tmp_path):
     for net, ref in [(base.unet, tuned.unet), (base.text_encoder, tuned.text_encoder)]:
         for k, v in net.state_dict().items():
             torch.testing.assert_close(v, ref.state_dict()[k], rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="lora_text_encoder needs train='lora'"):
+    with pytest.raises(ValueError, match=r"lora_text_encoder \(--lora-text-encoder\) needs train='lora'"):
         cfg_for(tiny, tmp_path / "x", lora_text_encoder=True)
     # merge (the default) writes no separate file
     train(cfg_for(tiny, tmp_path / "merged", steps=1, train="lora", lora_rank=2))

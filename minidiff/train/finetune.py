@@ -217,10 +217,14 @@ def _lora_text_encoder_needs_lora(c):
 
 def _conv_lora_needs_the_full_preset(c):
     given = [f for f in ("lora_conv_rank", "lora_conv_alpha") if getattr(c, f) is not None]
-    if given and not (c.train == "lora" and c.lora_preset == "full"):
-        return (f"{given[0]} (--{given[0].replace('_', '-')}) sets the LoRA of the k×k convolutions: it needs "
-                f"train='lora' and lora_preset='full' (--train lora --lora-preset full), got train={c.train!r}, "
-                f"lora_preset={c.lora_preset!r}, whose LoRA has no k×k convolution")
+    if not given:
+        return None
+    what = f"{given[0]} (--{given[0].replace('_', '-')}) sets the LoRA of the k×k convolutions"
+    if c.train != "lora":
+        return f"{what}: it needs train='lora' (--train lora), got train={c.train!r}"
+    if c.lora_preset != "full":
+        return (f"{what}: it needs lora_preset='full' (--lora-preset full); preset {c.lora_preset!r} puts no LoRA "
+                f"on a k×k convolution")
 
 
 def _cache_latents_needs_center_crop(c):
