@@ -24,11 +24,10 @@ import gc
 import time
 from contextlib import nullcontext
 
-from _common import append_section, interleaved, load_average, md_table, median
+from _common import PeakMemory, append_section, interleaved, load_average, md_table, median
 
 import torch  # noqa: E402
 
-from minidiff import speed  # noqa: E402
 from minidiff.train import loop  # noqa: E402
 from minidiff.train.objective import diffusion_loss  # noqa: E402
 from minidiff.unet import UNet, UNetConfig  # noqa: E402
@@ -130,7 +129,7 @@ def run(device: str, config: str, variants: list[str], steps: int, batch: int | 
                 trainer.step()
             torch.cuda.synchronize()
             first = time.perf_counter() - t0
-            with speed.PeakMemory(device) as mem:
+            with PeakMemory(device) as mem:
                 times = interleaved({name: trainer.step}, steps, warmup=0, sync=torch.cuda.synchronize,
                                     progress=False)[name]
             results[name] = dict(times=times, peak=mem.peak_bytes, first=first)
@@ -147,7 +146,7 @@ def run(device: str, config: str, variants: list[str], steps: int, batch: int | 
             t0 = time.perf_counter()
             for _ in range(warmup - 1):
                 trainer.step()
-            with speed.PeakMemory("cpu") as mem:
+            with PeakMemory("cpu") as mem:
                 trainer.step()
             firsts[name] = time.perf_counter() - t0
             peaks[name] = (mem.peak_bytes - mem.base_bytes) if mem.peak_bytes else None

@@ -176,6 +176,23 @@ def test_inpaint_9_channel_matches_diffusers(sd9, scheduler, strength):
     torch.testing.assert_close(ours, ref, **TOL)
 
 
+def test_inpaint_9_channel_explicit_latents_match_diffusers(sd9):
+    """Explicit latents for an inpainting U-Net are the noise [N, 4, h, w] (the VAE's latent channels, not the U-Net's
+    9), as StableDiffusionInpaintPipeline takes them: the same latents give its image."""
+    pipe, folder, _ = sd9
+    ref_pipe = reference("StableDiffusionInpaintPipeline", folder, "euler")
+    image, mask = rand_image(10), box_mask()
+    prompts = ["a toucan", "a horse"]
+    latents = torch.randn(2 * 2, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(6))  # [N, 4, 8, 12]
+    ref = ref_pipe(prompts, image=image, mask_image=mask, height=H, width=W, strength=1.0, num_inference_steps=6,
+                   num_images_per_prompt=2, latents=latents.clone(), generator=torch.Generator().manual_seed(2),
+                   output_type="pt").images
+    ours = pipe.generate(prompts, image=image, mask_image=mask, strength=1.0, steps=6, num_images=2,
+                         latents=latents, scheduler="euler", seed=2, output="tensor", progress=False)
+    assert ours.shape == ref.shape == (4, 3, H, W)
+    torch.testing.assert_close(ours, ref, **TOL)
+
+
 @pytest.mark.parametrize("mode", ["L", "RGB", "1"])
 def test_inpaint_pil_mask_matches_diffusers(sd9, mode):
     """A PIL mask of any mode: resized (Lanczos), made greyscale, thresholded at 0.5, as diffusers' mask processor."""
@@ -293,41 +310,8 @@ class _no_truncation_warning:
 
 
 # ------------------------------------------------------------------------------------------------ bad arguments
-def test_bad_image_arguments(sd, sd9):
-    pipe, _ = sd
-    kw = dict(steps=4, progress=False)
-    img = rand_image(0)
-    with pytest.raises(ValueError, match=r"strength must be a number in \[0, 1\], got 1.5"):
-        pipe.generate("x", image=img, strength=1.5, **kw)
-    with pytest.raises(ValueError, match="strength must be a number"):
-        pipe.generate("x", image=img, strength="0.5", **kw)
-    with pytest.raises(ValueError, match=r"strength=0.2 with steps=4 leaves no step to run"):
-        pipe.generate("x", image=img, strength=0.2, **kw)
-    with pytest.raises(TypeError, match="image must be a PIL image or a tensor .* got ndarray"):
-        pipe.generate("x", image=img.numpy(), **kw)
-    with pytest.raises(ValueError, match=r"image tensor values must lie in \[0, 1\], got \[-1"):
-        pipe.generate("x", image=img * 2 - 1, **kw)
-    with pytest.raises(ValueError, match=r"image tensor must have shape \[N, 3, H, W\] or \[3, H, W\], got \(1, 4, 16, 24\)"):
-        pipe.generate("x", image=torch.rand(1, 4, H, W), **kw)
-    with pytest.raises(ValueError, match="image is 1x1 pixels; it must be at least 2x2"):
-        pipe.generate("x", image=torch.rand(1, 3, 1, 1), **kw)
-    with pytest.raises(ValueError, match="image has 3 pictures but prompt has 2"):
-        pipe.generate(["a", "b"], image=rand_image(0, n=3), **kw)
-    with pytest.raises(ValueError, match="mask_image is 12x16 pixels but image is 24x16"):
-        pipe.generate("x", image=img, mask_image=torch.ones(1, 1, 16, 12), **kw)
-    with pytest.raises(ValueError, match=r"mask_image values must lie in \[0, 1\]"):
-        pipe.generate("x", image=img, mask_image=torch.full((H, W), 255.0), **kw)
-    with pytest.raises(ValueError, match="mask_image needs image="):
-        pipe.generate("x", mask_image=box_mask(), **kw)
-    with pytest.raises(ValueError, match="pass either prompt or prompt_embeds"):
-        pipe.generate(**kw)
-    with pytest.raises(ValueError, match=r"prompt_embeds must be a tensor \[B, L, 64\], got \(1, 77\)"):
-        pipe.generate(prompt_embeds=torch.zeros(1, 77), **kw)
-    pipe9 = sd9[0]
-    with pytest.raises(ValueError, match="this U-Net has 9 input channels .*: pass image= and mask_image="):
-        pipe9.generate("x", **kw)
-
-
+# (the image, mask and strength refusals are in tests/test_bad_inputs.py's matrix, the door itself in
+# tests/test_validation.py)
 def test_scheduler_names_at_the_door(sd):
     pipe, _ = sd
     with pytest.raises(ValueError, match="scheduler must be one of ddim, ddpm, dpm2, dpm2_a"):

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from ..files import atomic_write
+from ..settings import Existing, Int, Output, Real
 from ..shapes_eval import EVAL, evaluate, format_report, samples_grid
-from . import SCHEDULER_HELP, scheduler_name
+from . import SCHEDULER_HELP, check_flags, load_model, scheduler_name
+
+FLAGS = {"guidance_scale": "--guidance"}
+# the flags checked before the model loads; generate()'s door checks the sampler settings against the model
+FLAGS_FIELDS = {
+    "model": Existing(what="a diffusers folder or a CompVis .ckpt/.safetensors file", optional=True),
+    "steps": Int(1),
+    "guidance": Real(0),
+    "seeds": Int(1),
+    "grid": Output("file", optional=True),
+    "json": Output("file", optional=True),
+    "threads": Int(1),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,18 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    check_flags(args, FLAGS_FIELDS)
     import torch
     torch.set_num_threads(args.threads)
-    import minidiff
-    if args.seeds < 1:
-        raise SystemExit(f"minidiff shapes-eval: --seeds must be at least 1, got {args.seeds}")
-    try:  # a bad model path or sampler setting: one clear line, no traceback
-        pipe = minidiff.load(args.model)
-        r = evaluate(pipe, seeds=tuple(range(args.seeds)), steps=args.steps, scheduler=args.scheduler,
-                     guidance_scale=args.guidance)
-    except ValueError as e:
-        print(f"minidiff shapes-eval: error: {e}", file=sys.stderr)
-        return 2
+    pipe = load_model(args.model)
+    r = evaluate(pipe, seeds=tuple(range(args.seeds)), steps=args.steps, scheduler=args.scheduler,
+                 guidance_scale=args.guidance)
     print(format_report(r))
     if args.grid:
         grid = samples_grid(r)

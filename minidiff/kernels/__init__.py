@@ -11,7 +11,7 @@ and `pick` chooses one per call from the tensors it is given:
 
     backend "reference" (`use("reference")`, `StableDiffusion.fast = False`)         -> reference
     a CUDA tensor inside torch.compile, Triton installed (or backend "triton")     -> triton (inference and training)
-    a CPU tensor, fp32/bf16, nothing that needs a gradient, oneDNN present        -> onednn
+    a CPU tensor, fp32/bf16, nothing that needs a gradient, oneDNN present        -> onednn   (bf16: AVX-512 CPUs)
     anything else (eager CUDA, CPU training, fp16 on the CPU, ...)                 -> reference
 
 Why eager CUDA takes the reference (PyTorch's own CUDA kernels): measured on an H200 (docs/benchmarks.md), each of our
@@ -20,7 +20,7 @@ for PyTorch's kernels, so the eager U-Net step was 1.7× slower on them. Inside 
 (inductor calls the kernels directly, and CUDA graphs replay them), and the fused GroupNorm+SiLU, GEGLU and epilogue
 kernels save passes over memory; `use("triton")` forces them in eager code too.
 
-All three compute the same function; the differences are rounding (tests/test_speed.py states the tolerance per
+All three compute the same function; the differences are rounding (tests/test_kernels.py states the tolerance per
 dtype). Attention is the one hot operation that lives in its chapter (minidiff.nn.attention.attention, with its own
 switch `set_attention_impl`): torch's fused SDPA kernel is the fast path there.
 

@@ -42,6 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import infotext
+from ..errors import InputValueError
 from ..validation import NonFiniteError, check_generate_args
 from . import a1111
 from .jobs import Job, JobQueue, QueueFull, fix_seeds
@@ -111,7 +112,8 @@ def _credentials(auth: str | None) -> dict[str, str]:
     for pair in auth.split(","):
         user, sep, password = pair.partition(":")
         if not sep or not user:
-            raise ValueError(f"--api-auth wants USER:PASS (several separated by commas), got {pair!r}")
+            raise InputValueError(f"--api-auth wants USER:PASS (several separated by commas), got {pair!r}",
+                                  field="api_auth")
         out[user] = password
     return out
 

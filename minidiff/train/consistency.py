@@ -48,6 +48,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputValueError
 from ..nn.lora import lora_layers
 from .objective import clean_latents
 
@@ -57,12 +58,13 @@ TIMESTEP_SCALING = 10.0   # s of c_skip / c_out: LCMScheduler's default timestep
 
 def lcm_scheduler(scheduler_config: dict, skip: int):
     """The LCMScheduler that samples what this distillation trains: the model's β schedule and prediction type, the
-    solver grid of N = T / k timesteps (original_inference_steps). Raises ValueError when k does not divide T."""
+    solver grid of N = T / k timesteps (original_inference_steps). Raises InputValueError when k does not divide T."""
     from ..schedulers import make_scheduler
     T = scheduler_config.get("num_train_timesteps", 1000)
     if not (1 <= skip < T and T % skip == 0):
-        raise ValueError(f"--lcm-skip must divide the {T} training timesteps (the solver grid t = k·m − 1 must end "
-                         f"at T − 1 = {T - 1}) and be below {T}, e.g. 10, 20 (LCM's), 25, 50; got {skip}")
+        raise InputValueError(f"lcm_skip must divide the model's {T} training timesteps (the solver grid t = k·m − 1 "
+                              f"must end at T − 1 = {T - 1}) and be below {T}, e.g. 10, 20 (LCM's), 25, 50; got "
+                              f"{skip} (--lcm-skip)", field="lcm_skip")
     return make_scheduler("lcm", scheduler_config, original_inference_steps=T // skip,
                           timestep_scaling=TIMESTEP_SCALING)
 
