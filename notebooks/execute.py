@@ -1,7 +1,7 @@
 """Execute notebooks in place and store their outputs (what `make notebooks` runs).
 
     python notebooks/execute.py                      # every notebooks/*.ipynb
-    python notebooks/execute.py 06 10d_guidance      # the ones whose file name starts with these
+    python notebooks/execute.py 06 10d 07b_where_words_land.ipynb      # some of them: number, name or file name
 
 Each notebook runs top to bottom in a fresh kernel, in notebooks/ (so the notebooks' "../weights" paths and
 notebooks/matplotlibrc apply), with this checkout first on PYTHONPATH (as tests/test_notebooks.py runs them). Its
@@ -83,16 +83,23 @@ def execute(path: Path, timeout: int) -> tuple[float, list[str]]:
     return seconds, problems
 
 
+def named(path: Path, name: str) -> bool:
+    """'07' names 07_unet.ipynb (not 07b_...), as do '07_unet' and '07_unet.ipynb'."""
+    return name in (path.name, path.stem) or path.stem.startswith(name + "_")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", help="notebook file-name prefixes (default: all)")
+    parser.add_argument("names", nargs="*", help="notebooks by number (07 is 07_unet, not 07b), name or file name; "
+                                                "default: all")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     args = parser.parse_args(argv)
     paths = sorted(NB_DIR.glob("*.ipynb"))
     if args.names:
-        paths = [p for p in paths if any(p.name.startswith(n) for n in args.names)]
-        if not paths:
-            parser.error(f"no notebook starts with {' or '.join(args.names)}")
+        unknown = [n for n in args.names if not any(named(p, n) for p in paths)]
+        if unknown:
+            parser.error(f"no notebook is called {' or '.join(unknown)}")
+        paths = [p for p in paths if any(named(p, n) for n in args.names)]
     failed = []
     for path in paths:
         seconds, problems = execute(path, args.timeout)
