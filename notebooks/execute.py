@@ -12,8 +12,9 @@ page, so it is made stable and checkable:
     tests/test_notebooks.py fails when a cell's source no longer matches it, i.e. when the stored outputs are stale;
   * execution counts run 1..n over the code cells, in order (a fresh kernel, every cell once);
   * outputs on stderr (warnings with this machine's paths, progress bars) are dropped, and so are the timing
-    metadata nbclient could record; a text output holding a memory address ("at 0x7f...") is an error here,
-    because it would change on every run — end such a cell with `;` or print what matters;
+    metadata nbclient could record; a text output holding a memory address ("at 0x7f...") or a path of this
+    machine (the checkout, a temporary folder) is an error here, because it would change from run to run or from
+    checkout to checkout — end such a cell with `;` or print what matters;
   * a notebook whose execution fails is left untouched, and the script exits non-zero.
 
 The budget (tests/test_notebooks.py checks it too): the folder under 8 MB, no notebook over 1.5 MB.
@@ -25,6 +26,7 @@ import hashlib
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +34,7 @@ NB_DIR = Path(__file__).resolve().parent
 REPO = NB_DIR.parent
 FOLDER_BUDGET, NOTEBOOK_BUDGET = 8_000_000, 1_500_000   # bytes
 ADDRESS = re.compile(r"\bat 0x[0-9a-fA-F]{6,}")          # "<Figure ... at 0x7f3c...>": different on every run
+PATHS = (str(REPO), tempfile.gettempdir() + os.sep)       # this checkout's path, a temporary folder: not the reader's
 
 
 def source_sha256(source: str) -> str:
@@ -56,6 +59,8 @@ def clean(nb) -> list[str]:
             elif ADDRESS.search("".join(text)):
                 problems.append(f"code cell {n} prints a memory address: {ADDRESS.search(''.join(text)).group()} "
                                 f"in {''.join(text)[:80]!r}")
+            elif any(p in "".join(text) for p in PATHS):
+                problems.append(f"code cell {n} prints a path of this machine: {''.join(text)[:120]!r}")
     return problems
 
 
