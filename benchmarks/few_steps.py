@@ -77,7 +77,8 @@ def distil(data: Path, out: Path, threads: int = 1, steps: int | None = None, ex
     from safetensors import safe_open
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
         params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(".alpha"))
-    return {"command": "minidiff " + shlex.join(cmd[3:]), "wall_s": wall, "params": params,
+    command = "minidiff " + shlex.join(cmd[3:])                    # the work folder written DIR (the reader's own)
+    return {"command": command.replace(str(out.parent), "DIR"), "wall_s": wall, "params": params,
             "bytes": (out / "lora.safetensors").stat().st_size}
 
 
