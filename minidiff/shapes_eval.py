@@ -148,9 +148,11 @@ def judge(image, colour: str, shape: str) -> dict:
 def generate_grid(pipe, pairs=ALL_PAIRS, seeds=EVAL["seeds"], steps: int = EVAL["steps"],
                   scheduler: str = EVAL["scheduler"], guidance_scale: float = EVAL["guidance_scale"],
                   batch: int = 72, words: dict | None = None):
-    """Images for every (pair, seed): the initial noise of seed s is torch.randn([1, 4, h, w], Generator(s)), so an
-    image equals pipe.generate(prompt, seed=s) on its own. `words` renames a shape in the prompts ({"cross": "<cross>"}:
-    a textual-inversion placeholder). -> (float tensor [P·S, 3, H, W] in [0, 1], prompts list)."""
+    """Images for every (pair, seed): the initial noise of seed s is torch.randn([1, 4, h, w], Generator(s)), so with
+    a deterministic sampler (DDIM, PNDM, Euler, ...) an image equals pipe.generate(prompt, seed=s) on its own. A sampler
+    that draws noise between steps (LCM, Euler a, DPM++ 2M SDE, ...) draws it from Generator(i) for the batch that
+    starts at image i: the same images on every call. `words` renames a shape in the prompts ({"cross": "<cross>"}: a
+    textual-inversion placeholder). -> (float tensor [P·S, 3, H, W] in [0, 1], prompts list)."""
     import torch
     c = pipe.unet.config
     shape = (1, c.in_channels, c.sample_size, c.sample_size)
@@ -164,7 +166,8 @@ def generate_grid(pipe, pairs=ALL_PAIRS, seeds=EVAL["seeds"], steps: int = EVAL[
     out = []
     for i in range(0, len(prompts), batch):
         out.append(pipe.generate(prompts[i:i + batch], steps=steps, guidance_scale=guidance_scale,
-                                 scheduler=scheduler, latents=noise[i:i + batch], output="tensor", progress=False))
+                                 scheduler=scheduler, latents=noise[i:i + batch], output="tensor", progress=False,
+                                 generator=torch.Generator().manual_seed(i)))
     return torch.cat(out), prompts
 
 

@@ -78,7 +78,7 @@ def check_finetune_output(out: Path, steps: int):
     return minidiff.load(out)
 
 
-@pytest.mark.parametrize("mode", ["unet", "last-up-blocks", "lora", "textual-inversion"])
+@pytest.mark.parametrize("mode", ["unet", "last-up-blocks", "lora", "textual-inversion", "lcm-lora"])
 def test_finetune_each_mode_with_validation_then_resume(fixtures, tmp_path, mode):
     """`minidiff finetune --train MODE` with its defaults (validation on: 25 steps on 2 captions + 2 unrelated
     prompts), then `--resume --steps 3` continues the same run by one step."""
@@ -106,6 +106,8 @@ def test_finetune_each_mode_with_validation_then_resume(fixtures, tmp_path, mode
         assert a1111["name"] == "<thing>" and a1111["string_to_param"]["*"].shape == (1, d)
         assert pipe.load_embedding(out / "learned_embeds.safetensors") == ["<thing>"]
         assert pipe.generate("a picture of <thing>", steps=2, seed=0, height=16, width=16, progress=False)
+    if mode == "lcm-lora":   # the distilled model samples with LCM by itself; the LoRA alone is there too
+        assert pipe.scheduler_config["_class_name"] == "LCMScheduler" and (out / "lora.safetensors").is_file()
     if mode == "lora":   # the issue-17 command: a model that diffusers loads
         from diffusers import StableDiffusionPipeline
         theirs = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None).unet.state_dict()

@@ -404,7 +404,7 @@ API_ONLY = [   # wrong types: the command line cannot pass them (argparse conver
     (dict(batch_size=True), TypeError, r"batch_size must be an int >= 1, got True \(bool\) \(--batch-size\)"),
     (dict(center_crop=1), TypeError, r"center_crop must be True or False, got 1 \(--center-crop / --random-crop\)"),
     (dict(train=None), TypeError, r"train must be one of 'unet', 'last-up-blocks', 'lora', 'textual-inversion', "
-                                  r"got None \(--train\)"),
+                                  r"'lcm-lora', got None \(--train\)"),
     (dict(data=3), TypeError, r"data must be a folder holding metadata.jsonl, got 3 \(--data\)"),
     (dict(validation_seeds=(0, "1")), TypeError, r"validation_seeds must be a non-empty list of ints in \[0, "),
     (dict(validation_seeds=()), ValueError, r"validation_seeds must be a non-empty list of ints"),

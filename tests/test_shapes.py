@@ -236,3 +236,18 @@ def test_samples_grid_puts_each_prompt_on_a_row_and_each_seed_in_a_column():
         assert judge(cell, spec["colour"], spec["shape"])["correct"], spec     # the asked shape, where it belongs
         assert np.array_equal(np.asarray(cell)[::2, ::2], render_shape(**spec))  # exactly the image, twice as big
     assert (np.asarray(grid)[g["y0"]:, :g["x0"] - g["pad"]] < 128).any()       # the prompts written left of the rows
+
+
+def test_a_stochastic_sampler_judges_the_same_images_on_every_call():
+    """LCM draws noise between steps: evaluate() draws it from its own generators, not the global RNG, so the same
+    call gives the same images (and numbers) whatever ran before it."""
+    import torch
+
+    import minidiff
+    from minidiff.shapes_eval import evaluate
+    pipe, kw = minidiff.load(), dict(pairs=[("red", "circle"), ("blue", "square")], seeds=range(2), steps=2,
+                                     scheduler="lcm", guidance_scale=1.0)
+    torch.manual_seed(0)
+    first = evaluate(pipe, **kw)["images"]
+    torch.manual_seed(1)
+    assert torch.equal(evaluate(pipe, **kw)["images"], first)

@@ -1,4 +1,4 @@
-"""`minidiff finetune --data DIR --output OUT [--model M] [--train unet|last-up-blocks|lora|textual-inversion] ...`:
+"""`minidiff finetune --data DIR --output OUT [--train unet|last-up-blocks|lora|textual-inversion|lcm-lora] ...`:
 the command line of minidiff.train (see docs/finetuning.md). Every flag is a FinetuneConfig field with '_' written '-'.
 
 Bad input: the flags become a FinetuneConfig, whose door (FINETUNE_FIELDS, FINETUNE_RULES) refuses what the API
@@ -11,6 +11,7 @@ import dataclasses
 import os
 
 from ..lora import LORA_PRESETS
+from ..train.consistency import LCM_LOSSES
 from ..train.finetune import PRECISIONS, PRESETS, FinetuneConfig, train
 from ..train.optim import LR_SCHEDULES
 from ..train.reports import REPORT_TO
@@ -44,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt("--num-workers", type=int, help="DataLoader processes that load and augment images")
     g = parser.add_argument_group("what trains")
     opt("--train", choices=TRAIN_MODES,
-        help="the whole U-Net, its last N up-blocks, LoRA adapters, or a new word (textual inversion)")
+        help="the whole U-Net, its last N up-blocks, LoRA adapters, a new word (textual inversion), or a LoRA "
+             "distilled for 1-8 step LCM sampling (lcm-lora)")
     opt("--up-blocks", type=int, help="with --train last-up-blocks: N, counted from the output end")
     opt("--lora-preset", choices=tuple(LORA_PRESETS),
         help="with --train lora: where LoRA goes (LyCORIS' presets): attn-only = the attention projections; "
@@ -67,6 +69,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                     "of the vocabulary); write it into the captions")
     opt("--initializer-token", help="with --train textual-inversion: one existing word the new one starts from")
     opt("--num-vectors", type=int, help="with --train textual-inversion: vectors the new word stands for")
+    g = parser.add_argument_group("latent consistency distillation (--train lcm-lora; docs/few_steps.md)")
+    opt("--lcm-skip", type=int, help="k: the teacher's DDIM step from t to t − k, in training timesteps; the "
+                                     "sampler's grid has T/k points (LCMScheduler's original_inference_steps)")
+    opt("--lcm-guidance-min", type=float, help="the teacher's guidance scale s ~ U[min, max], as generate's "
+                                               "guidance_scale (LCM's ω = s − 1)")
+    opt("--lcm-guidance-max", type=float, help="... its upper end (= min: a fixed guidance)")
+    opt("--lcm-loss", choices=LCM_LOSSES, help="the consistency distance: pseudo-Huber or squared error")
+    opt("--lcm-huber-c", type=float, help="c of the pseudo-Huber distance √(d² + c²) − c")
+    opt("--lcm-ema-decay", type=float, help="μ of the target network θ⁻ ← μθ⁻ + (1 − μ)θ, the EMA of the LoRA that "
+                                            "is also exported (0: the student itself)")
     g = parser.add_argument_group("loss")
     opt("--min-snr-gamma", type=float, help="min-SNR-γ loss weighting (Hang et al. 2023; 5 is usual)")
     opt("--noise-offset", type=float, help="noise offset strength (0.05-0.1 is usual)")

@@ -15,8 +15,8 @@ point of one ODE trajectory. One call then samples: x_0 = f_θ(x_T, T). More ste
 "multistep consistency sampling" way (Song et al. 2023, Algorithm 1; LCM Algorithm 3):
     x_0 ← f_θ(x_{τ_k}, τ_k);   x_{τ_{k+1}} = √ᾱ_{τ_{k+1}} x_0 + √(1-ᾱ_{τ_{k+1}}) z,  z ~ N(0, I)   (fresh noise)
 and the last step returns f_θ itself. The n timesteps τ_k are n evenly spaced entries (by index) of the grid of N,
-from its top: 4 of 50 -> 999, 759, 499, 259. With scale t·10, c_skip(t) is already ~0 for t ≥ 1 (1e-4 at t = 1):
-the boundary condition only matters at t = 0, and f_θ is x̂_0 wherever the sampler looks.
+from its top: 4 of 50 -> 999, 759, 499, 259. With scale t·10, c_skip(t) is already ~0 for t ≥ 1 (2.5e-3 at t = 1,
+1e-4 at t = 5): the boundary condition only matters at t = 0, and f_θ is x̂_0 wherever the sampler looks.
 
 LCM-LoRA (Luo et al. 2023b) is a LoRA whose change to SD's U-Net turns it into such an f_θ's ε̂; it samples with this
 scheduler at guidance 1 (the guidance was distilled in: no classifier-free guidance, one U-Net call per step).

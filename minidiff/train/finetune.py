@@ -5,7 +5,9 @@
 
 What trains: the whole U-Net, its last N up-blocks (the decoder end, nearest the pixels), LoRA adapters on the
 attention projections (minidiff.lora; optionally the text encoder's too), or a new word (textual inversion). The VAE
-stays frozen throughout; the text encoder too except for its LoRA or the new word's embedding.
+stays frozen throughout; the text encoder too except for its LoRA or the new word's embedding. `--train lcm-lora`
+trains a LoRA with another objective: latent consistency distillation of the model into a 1-8 step sampler
+(consistency.py; the model being tuned is its own teacher).
 
 Exact resumption: every random choice of a sample is drawn from a generator seeded by (seed, the sample's position
 in the stream of samples) (data.py), and a checkpoint holds the model's trained tensors, the optimizer, the LR
@@ -37,7 +39,8 @@ from ..errors import InputValueError
 from ..lora import LORA_PRESETS
 from ..settings import (SEED_MAX, Bool, Choice, Device, Existing, Folder, Int, Ints, Output, Real, Sampler, Text,
                         Texts, check_on_this_machine, check_settings)
-from . import loop, objective
+from . import consistency, loop, objective
+from .consistency import LCM_LOSSES
 from .data import SampleStream, cache_latents, collate, default_validation_prompts, positions
 from .export import export_model
 from .loop import TrainingDiverged
@@ -65,7 +68,7 @@ class FinetuneConfig:
     resolution: int | None = None               # training side in pixels; None = the model's native size
     seed: int = 0
     # what trains
-    train: str = "unet"                         # "unet" | "last-up-blocks" | "lora" | "textual-inversion"
+    train: str = "unet"                         # "unet" | "last-up-blocks" | "lora" | "textual-inversion" | "lcm-lora"
     up_blocks: int = 1                          # with train="last-up-blocks": how many (from the output end)
     # with train="lora": where LoRA goes, LyCORIS' "attn-only" | "attn-mlp" | "full" (minidiff.lora.LORA_PRESETS).
     # full at rank 8: the smallest LoRA that learned the new concept as well as the full U-Net (docs/finetuning.md §6)
@@ -79,6 +82,13 @@ class FinetuneConfig:
     placeholder_token: str | None = None        # with train="textual-inversion": the new word, e.g. "<pika>"
     initializer_token: str | None = None        # ... a word whose vector it starts from, e.g. "pokemon"
     num_vectors: int = 1                        # ... vectors the new word stands for
+    # latent consistency distillation (train="lcm-lora"; consistency.py)
+    lcm_skip: int = 20                          # k: the teacher's DDIM step t_{n+k} -> t_n in timesteps (grid T/k)
+    lcm_guidance_min: float = 3.0               # the teacher's guidance scale s ~ U[min, max] (generate's
+    lcm_guidance_max: float = 7.0               #   guidance_scale; LCM's ω = s − 1); min = max: fixed
+    lcm_loss: str = "huber"                     # "huber" (pseudo-Huber, c = lcm_huber_c) | "l2"
+    lcm_huber_c: float = 0.001
+    lcm_ema_decay: float = 0.95                 # μ of the target network θ⁻ ← μ θ⁻ + (1 − μ) θ (0: the student)
     # loss
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
@@ -160,6 +170,12 @@ FINETUNE_FIELDS = {
     "placeholder_token": Text(optional=True),
     "initializer_token": Text(optional=True),
     "num_vectors": Int(1),
+    "lcm_skip": Int(1),                             # and a divisor of the model's timesteps: checked with the model
+    "lcm_guidance_min": Real(1),
+    "lcm_guidance_max": Real(1),
+    "lcm_loss": Choice(LCM_LOSSES),
+    "lcm_huber_c": Real(gt=0),
+    "lcm_ema_decay": Real(0, lt=1),
     "min_snr_gamma": Real(gt=0, optional=True),
     "noise_offset": Real(0),
     "caption_dropout": Real(0, 1),
@@ -227,6 +243,25 @@ def _conv_lora_needs_the_full_preset(c):
                 f"on a k×k convolution")
 
 
+def _lcm_guidance_range(c):
+    if c.lcm_guidance_min > c.lcm_guidance_max:
+        return (f"lcm_guidance_min (--lcm-guidance-min) must be <= lcm_guidance_max (--lcm-guidance-max), got "
+                f"{c.lcm_guidance_min} and {c.lcm_guidance_max} (equal: a fixed guidance)")
+
+
+def _lcm_lora_keeps_its_own_ema(c):
+    if c.train == "lcm-lora" and c.ema:
+        return ("ema (--ema) is not for --train lcm-lora: its EMA is the target network (--lcm-ema-decay), which is "
+                "also what it exports")
+
+
+def _lcm_lora_takes_no_denoising_tweaks(c):
+    given = [f for f in ("min_snr_gamma", "noise_offset") if getattr(c, f)]
+    if c.train == "lcm-lora" and given:
+        return (f"{given[0]} (--{given[0].replace('_', '-')}) tweaks the denoising loss; --train lcm-lora minimises "
+                f"the consistency loss (--lcm-loss) and takes neither --min-snr-gamma nor --noise-offset")
+
+
 def _cache_latents_needs_center_crop(c):
     if c.cache_latents and not c.center_crop:
         return ("cache_latents (--cache-latents) needs center_crop (--center-crop): a cached latent is one fixed "
@@ -234,7 +269,8 @@ def _cache_latents_needs_center_crop(c):
 
 
 FINETUNE_RULES = [_textual_inversion_needs_its_tokens, _tokens_need_textual_inversion, _lora_text_encoder_needs_lora,
-                  _conv_lora_needs_the_full_preset, _cache_latents_needs_center_crop]
+                  _conv_lora_needs_the_full_preset, _lcm_guidance_range, _lcm_lora_keeps_its_own_ema,
+                  _lcm_lora_takes_no_denoising_tweaks, _cache_latents_needs_center_crop]
 
 
 # The monograph's recipe for ~750 Pokémon images on one 24 GB GPU (docs/finetuning.md derives its memory and time):
@@ -401,6 +437,9 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
     except CheckpointError as e:                                 # the file is --model's
         raise CheckpointError(str(e), field="model") from None
     noise_sched = DDPMScheduler.from_config(pipe.scheduler_config)
+    if cfg.train == "lcm-lora":          # the distilled model samples with LCM on the distillation's grid: its own
+        lcm_sched = consistency.lcm_scheduler(pipe.scheduler_config, cfg.lcm_skip)   # sampler (validation, export)
+        pipe.scheduler_config = consistency.lcm_scheduler_config(pipe.scheduler_config, cfg.lcm_skip)
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
     alphas_cumprod = noise_sched.alphas_cumprod.to(device)
     unet = pipe.unet
@@ -436,6 +475,8 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
     scheduler = make_lr_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
     scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
     ema = EMA(trainable, cfg.ema_decay, device="cpu" if cfg.ema_on_cpu else None) if cfg.ema else None
+    if cfg.train == "lcm-lora":          # the target network θ⁻: train_step updates it after every optimizer step
+        ema = EMA(trainable, cfg.lcm_ema_decay, device="cpu" if cfg.ema_on_cpu else None)
     autocast = loop.autocast_for(device, cfg.mixed_precision)
 
     # ---- the output folder: made only now, when nothing above refused the run
@@ -472,9 +513,16 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
         return objective.micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_type, device,
                                          autocast, cfg.noise_offset, cfg.min_snr_gamma, text_trains)
 
+    def lcm_loss_fn(batch):  # --train lcm-lora: the consistency distillation loss instead of the denoising one
+        target = {n: w.to(device) for n, w in ema.shadow.items()}           # θ⁻ (already there unless ema_on_cpu)
+        return consistency.lcm_micro_step_loss(batch, pipe, model, lcm_sched, target, device, autocast, cfg.lcm_skip,
+                                               (cfg.lcm_guidance_min, cfg.lcm_guidance_max), cfg.lcm_loss,
+                                               cfg.lcm_huber_c)
+
     val_prompts = cfg.validation_prompts if cfg.validation_prompts is not None else \
         default_validation_prompts(dataset, UNRELATED_PROMPTS)
-    return Run(out, pipe, model, trainable, dataset, iter(loader), loss_fn, optimizer, scheduler, scaler, ema,
+    objective_fn = lcm_loss_fn if cfg.train == "lcm-lora" else loss_fn
+    return Run(out, pipe, model, trainable, dataset, iter(loader), objective_fn, optimizer, scheduler, scaler, ema,
                autocast, R, start, end, last_ckpt, val_prompts)
 
 
@@ -544,8 +592,9 @@ def _finish(cfg: FinetuneConfig, ctx: Dist, run: Run) -> None:
         unet.disable_gradient_checkpointing()
     unet.eval().requires_grad_(False)
     atomic_write(run.out / "finetune_config.json", json.dumps({**config_dict(cfg), "_world": ctx.world}, indent=2))
-    export_model(run.pipe, run.out, cfg.placeholder_token, cfg.lora_export, cfg.model, cfg.export_compvis,
-                 cfg.lora_preset)
+    lcm = cfg.train == "lcm-lora"                     # LCM-LoRA: the file is the point, on LCM-LoRA's layers
+    export_model(run.pipe, run.out, cfg.placeholder_token, "separate" if lcm else cfg.lora_export, cfg.model,
+                 cfg.export_compvis, "lcm-lora" if lcm else cfg.lora_preset)
 
 
 __all__ = ["FinetuneConfig", "PRESETS", "PRECISIONS", "TRAIN_MODES", "LR_SCHEDULES", "UNRELATED_PROMPTS", "Dist",

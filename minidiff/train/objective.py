@@ -49,6 +49,18 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, al
     return (per_sample * min_snr_weights(alphas_cumprod, t, min_snr_gamma, prediction_type)).mean()
 
 
+@torch.no_grad()
+def clean_latents(batch, pipe, device) -> torch.Tensor:
+    """z₀ = s · (μ + σ · η) of a micro-batch: a sample of the frozen VAE's posterior (η = batch["posterior_eps"]),
+    from cached moments or by encoding the pixels (in fp32, no autocast). -> [B, C, h, w]."""
+    from ..vae import DiagonalGaussian
+    if "moments" in batch:                                   # cached: the VAE posterior's moments
+        posterior = DiagonalGaussian(batch["moments"].to(device))
+    else:
+        posterior = pipe.vae.encode(batch["pixel_values"].to(device))
+    return (posterior.mean + posterior.std * batch["posterior_eps"].to(device)) * pipe.latent_scale
+
+
 def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_type, device, autocast,
                     noise_offset: float = 0.0, min_snr_gamma: float | None = None, text_trains: bool = False):
     """One forward pass on one micro-batch -> the loss (fp32 scalar, not yet divided by grad_accum).
@@ -56,14 +68,8 @@ def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_
     batch: data.collate's dict; model(z_t, t, context) is the U-Net (or its DDP / compiled wrapper); noise_offset o
     and min_snr_gamma γ: the tweaks of the module docstring (0 / None: off). The frozen VAE runs in fp32 without
     gradients; the text encoder runs with gradients only when part of it trains (LoRA on it, textual inversion)."""
-    from ..vae import DiagonalGaussian
     with torch.no_grad():
-        if "moments" in batch:                                   # cached: the VAE posterior's moments
-            posterior = DiagonalGaussian(batch["moments"].to(device))
-        else:                                                    # the frozen VAE runs in fp32 (no autocast)
-            posterior = pipe.vae.encode(batch["pixel_values"].to(device))
-        eps_post = batch["posterior_eps"].to(device)
-        z0 = (posterior.mean + posterior.std * eps_post) * pipe.latent_scale       # [B, C, h, w], unit variance
+        z0 = clean_latents(batch, pipe, device)                                    # [B, C, h, w], unit variance
         noise = batch["noise"].to(device)                                          # ε [B, C, h, w]
         if noise_offset:
             noise = noise + noise_offset * batch["offset"].to(device)              # + o · δ [B, C, 1, 1]
@@ -79,4 +85,4 @@ def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_
     return diffusion_loss(pred, target, t, alphas_cumprod, min_snr_gamma, prediction_type)
 
 
-__all__ = ["snr", "min_snr_weights", "diffusion_loss", "micro_step_loss"]
+__all__ = ["snr", "min_snr_weights", "diffusion_loss", "clean_latents", "micro_step_loss"]

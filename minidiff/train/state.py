@@ -137,7 +137,8 @@ def load_checkpoint(path: Path, trainable: dict, optimizer, scheduler, scaler, e
 # settings that change which samples, noises or updates a step sees: a resume must keep them to be exact
 RESUME_EXACT = ("seed", "batch_size", "grad_accum", "lr", "resolution", "lr_schedule", "warmup_steps",
                 "caption_dropout", "min_snr_gamma", "noise_offset", "center_crop", "random_flip", "weight_decay",
-                "mixed_precision", "optimizer", "ema_decay", "max_grad_norm")
+                "mixed_precision", "optimizer", "ema_decay", "max_grad_norm", "lcm_skip", "lcm_guidance_min",
+                "lcm_guidance_max", "lcm_loss", "lcm_huber_c", "lcm_ema_decay")
 # settings that change WHAT trains: a resume with another value cannot load the checkpoint's tensors
 RESUME_SAME = ("train", "up_blocks", "lora_preset", "lora_rank", "lora_alpha", "lora_conv_rank", "lora_conv_alpha",
                "lora_text_encoder", "placeholder_token", "initializer_token", "num_vectors", "ema")

@@ -6,6 +6,9 @@
                    projections (attn-only), + the transformers' MLP and proj_in/out (attn-mlp), + the ResNet and
                    sampling convolutions (full, LoCon); with lora_text_encoder also on the text encoder's
                    attention (and MLP, but for attn-only)
+  lcm-lora         latent consistency distillation into a LoRA (consistency.py): LoRA where LCM-LoRA puts it,
+                   on every layer of the U-Net's transformers, its ResNets (convolutions, time_emb_proj) and its
+                   down/up-samplers (LCM_LORA_TARGETS; --lora-preset is --train lora's)
   textual-inversion  one new word (Gal et al. 2022): a placeholder token "<pika>" is added to the vocabulary and
                    only its embedding row(s) e* ∈ R^{n×d} train; the U-Net, VAE and every other weight of the text
                    encoder stay bit-identical. The concept must then be reachable by the frozen model from one (or n)
@@ -23,8 +26,14 @@ from torch import nn
 
 from ..errors import InputValueError
 from ..formats.embeddings import token_names
+from ..lora import UNET_RESNET_TARGETS, UNET_TARGETS
 
-TRAIN_MODES = ("unet", "last-up-blocks", "lora", "textual-inversion")
+TRAIN_MODES = ("unet", "last-up-blocks", "lora", "textual-inversion", "lcm-lora")
+
+# The layers LCM-LoRA trains (diffusers' train_lcm_distill_lora_sd_wds.py's default targets, the modules of the public
+# lcm-lora-sdv1-5): the transformers' attention, feed-forward and proj_in/out, the ResNets' convolutions, shortcuts
+# and time_emb_proj, the down/up-samplers — LyCORIS' "full" preset without conv_in / conv_out and the time embedding.
+LCM_LORA_TARGETS = UNET_TARGETS + UNET_RESNET_TARGETS
 
 
 class PlaceholderEmbedding(nn.Module):
@@ -103,6 +112,9 @@ def select_trainable(pipe, cfg) -> dict:
             inject_lora(te, cfg.lora_rank, cfg.lora_alpha, targets=preset.text_encoder)
     elif cfg.train == "textual-inversion":
         add_placeholder(pipe, cfg.placeholder_token, cfg.initializer_token, cfg.num_vectors)
+    elif cfg.train == "lcm-lora":
+        from ..lora import inject_lora
+        inject_lora(unet, cfg.lora_rank, cfg.lora_alpha, targets=LCM_LORA_TARGETS)
     else:
         raise ValueError(f"train must be one of {TRAIN_MODES}, got {cfg.train!r}")
     out = {name: p for name, p in unet.named_parameters() if p.requires_grad}
@@ -114,5 +126,5 @@ def text_encoder_trains(trainable: dict) -> bool:
     return any(name.startswith("text_encoder.") for name in trainable)
 
 
-__all__ = ["TRAIN_MODES", "PlaceholderEmbedding", "add_placeholder",
+__all__ = ["TRAIN_MODES", "LCM_LORA_TARGETS", "PlaceholderEmbedding", "add_placeholder",
            "remove_placeholder", "select_trainable", "text_encoder_trains"]
