@@ -174,6 +174,15 @@ def denoised_ve(model_output: torch.Tensor, sample: torch.Tensor, sigma, predict
     raise ValueError(f"prediction_type {prediction_type!r} is not supported")
 
 
+def sigma_init_noise(sigmas: torch.Tensor, spacing: str) -> float:
+    """Std of x_N for the σ-samplers (Euler, Heun, DPM2, ...): σ_max, or √(σ_max² + 1) for "leading" spacing, whose
+    first timestep is below T - 1 (as diffusers)."""
+    max_sigma = sigmas.max()
+    if spacing in ("linspace", "trailing"):
+        return float(max_sigma)
+    return float((max_sigma ** 2 + 1) ** 0.5)
+
+
 def per_sample(v: torch.Tensor, ndim: int) -> torch.Tensor:
     """A per-sample coefficient [B] (or a scalar) -> [B, 1, ..., 1] with `ndim` dims, to broadcast over an image."""
     v = v.flatten()
@@ -193,6 +202,9 @@ class Scheduler:
     """
 
     class_name = "Scheduler"
+    # a timestep that is not in self.timesteps: "raise", or "last" (the last step, as diffusers' multistep solvers
+    # DPM-Solver++ and UniPC take it)
+    absent_timestep = "raise"
     order = 1               # network calls per step: 2 for Heun and DPM2, whose timesteps list each step twice
     init_noise_sigma = 1.0  # std of x_T: unit Gaussian for the variance-preserving (VP) samplers
     defaults: dict = dict(SCHEDULE_DEFAULTS)
@@ -277,6 +289,18 @@ class Scheduler:
 
     def set_begin_index(self, begin_index: int = 0):
         self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep) -> int:
+        """Position of `timestep` in self.timesteps: the second match if it occurs twice (as diffusers: a sampler that
+        starts mid-schedule must not take the step before it); an absent one per `absent_timestep`."""
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(self.timesteps.device)
+        idx = (self.timesteps == timestep).nonzero()
+        if len(idx) == 0:
+            if self.absent_timestep == "last":
+                return len(self.timesteps) - 1
+            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps")
+        return idx[1 if len(idx) > 1 else 0].item()
 
     def _init_step_index(self, timestep):
         """The position of the first step: begin_index when set, else where `timestep` sits in self.timesteps."""

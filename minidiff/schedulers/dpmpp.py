@@ -32,6 +32,7 @@ class DPMSolverMultistepScheduler(Scheduler):
     Stateful: keeps the last `solver_order` data predictions in `model_outputs`; set_timesteps resets them."""
 
     class_name = "DPMSolverMultistepScheduler"
+    absent_timestep = "last"      # a timestep not in the list: the last step (as diffusers)
     defaults = {**SCHEDULE_DEFAULTS, "solver_order": 2, "prediction_type": "epsilon", "algorithm_type": "dpmsolver++",
                 "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
                 "use_karras_sigmas": False, "sigma_min": None, "sigma_max": None, "final_sigmas_type": "zero",
@@ -103,14 +104,6 @@ class DPMSolverMultistepScheduler(Scheduler):
         self._reset()
         self._begin_index = None
 
-    def index_for_timestep(self, timestep) -> int:
-        """Position of `timestep` in self.timesteps (2nd match if repeated; the last step if absent, as diffusers)."""
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(self.timesteps.device)
-        idx = (self.timesteps == timestep).nonzero()
-        if len(idx) == 0:
-            return len(self.timesteps) - 1
-        return idx[1 if len(idx) > 1 else 0].item()
 
     @staticmethod
     def _alpha_sigma(sigma):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import SCHEDULE_DEFAULTS, Scheduler, denoised_ve, per_sample, randn, sigma_schedule
+from .base import SCHEDULE_DEFAULTS, Scheduler, denoised_ve, per_sample, randn, sigma_init_noise, sigma_schedule
 
 
 class EulerDiscreteScheduler(Scheduler):
@@ -52,10 +52,7 @@ class EulerDiscreteScheduler(Scheduler):
     @property
     def init_noise_sigma(self) -> float:
         """Std of x_N: σ_max, or √(σ_max² + 1) for "leading" (as diffusers)."""
-        max_sigma = self.sigmas.max()
-        if self._settings["timestep_spacing"] in ("linspace", "trailing"):
-            return float(max_sigma)
-        return float((max_sigma ** 2 + 1) ** 0.5)
+        return sigma_init_noise(self.sigmas, self._settings["timestep_spacing"])
 
     @property
     def step_index(self):
@@ -76,14 +73,6 @@ class EulerDiscreteScheduler(Scheduler):
         self._step_index = None
         self._begin_index = None
 
-    def index_for_timestep(self, timestep) -> int:
-        """Position of `timestep` in self.timesteps (the second match if it occurs twice, as diffusers)."""
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(self.timesteps.device)
-        idx = (self.timesteps == timestep).nonzero()
-        if len(idx) == 0:
-            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps")
-        return idx[1 if len(idx) > 1 else 0].item()
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """x -> c_in x = x / √(σ²+1): the network was trained on variance-preserving x_t. [B,C,H,W] -> [B,C,H,W]."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import SCHEDULE_DEFAULTS, Scheduler, denoised_ve, per_sample, sigma_schedule
+from .base import SCHEDULE_DEFAULTS, Scheduler, denoised_ve, per_sample, sigma_init_noise, sigma_schedule
 
 
 def interleave(first: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
@@ -52,10 +52,7 @@ class SecondOrderDiscreteScheduler(Scheduler):
     @property
     def init_noise_sigma(self) -> float:
         """Std of x_N: σ_max, or √(σ_max² + 1) for "leading" (as diffusers)."""
-        max_sigma = self.sigmas.max()
-        if self._settings["timestep_spacing"] in ("linspace", "trailing"):
-            return float(max_sigma)
-        return float((max_sigma ** 2 + 1) ** 0.5)
+        return sigma_init_noise(self.sigmas, self._settings["timestep_spacing"])
 
     @property
     def step_index(self):
@@ -73,14 +70,6 @@ class SecondOrderDiscreteScheduler(Scheduler):
             timesteps = timesteps.round()
         return timesteps.astype(np.float32), np.concatenate([sigmas, [0.0]]).astype(np.float32)
 
-    def index_for_timestep(self, timestep) -> int:
-        """Position of `timestep` in self.timesteps (the second match if it occurs twice, as diffusers)."""
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(self.timesteps.device)
-        idx = (self.timesteps == timestep).nonzero()
-        if len(idx) == 0:
-            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps")
-        return idx[1 if len(idx) > 1 else 0].item()
 
     def _call_sigma(self, j: int) -> torch.Tensor:
         """σ of the step call j of the interleaved list belongs to: σ_{(j+1)//2} (see the top of heun.py)."""

@@ -89,14 +89,6 @@ class LCMScheduler(Scheduler):
         self._step_index = None
         self._begin_index = None
 
-    def index_for_timestep(self, timestep) -> int:
-        """Position of `timestep` in self.timesteps (the second match if it occurs twice, as diffusers)."""
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(self.timesteps.device)
-        idx = (self.timesteps == timestep).nonzero()
-        if len(idx) == 0:
-            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps")
-        return idx[1 if len(idx) > 1 else 0].item()
 
     def consistency_output(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
         """f_θ(x_t, t) = c_skip(t) x_t + c_out(t) x̂_0: the clean image the consistency model gives.

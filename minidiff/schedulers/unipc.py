@@ -36,6 +36,7 @@ class UniPCMultistepScheduler(Scheduler):
     predictor made; set_timesteps resets them."""
 
     class_name = "UniPCMultistepScheduler"
+    absent_timestep = "last"      # a timestep not in the list: the last step (as diffusers)
     defaults = {**SCHEDULE_DEFAULTS, "solver_order": 2, "prediction_type": "epsilon", "predict_x0": True,
                 "solver_type": "bh2", "lower_order_final": True, "disable_corrector": [], "use_karras_sigmas": False,
                 "sigma_min": None, "sigma_max": None, "timestep_spacing": "linspace", "steps_offset": 1,
@@ -94,14 +95,6 @@ class UniPCMultistepScheduler(Scheduler):
         self._reset()
         self._begin_index = None
 
-    def index_for_timestep(self, timestep) -> int:
-        """Position of `timestep` in self.timesteps (2nd match if repeated; the last step if absent, as diffusers)."""
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(self.timesteps.device)
-        idx = (self.timesteps == timestep).nonzero()
-        if len(idx) == 0:
-            return len(self.timesteps) - 1
-        return idx[1 if len(idx) > 1 else 0].item()
 
     # ------------------------------------------------------------------------------------------------- the maths
     def _alpha_sigma_lambda(self, i: int):
