@@ -210,3 +210,18 @@ def append_section(title: str, table: str, notes: list[str] | None = None, load_
         f.write(text)
     print(f"appended to {DOC.relative_to(REPO)}")
     return text
+
+
+def write_block(path, block: str, begin: str, end: str) -> None:
+    """Put `block` (which starts with the marker `begin` and ends with `end`) into the markdown file `path`: it
+    replaces the text between the markers when they are there, else it is appended. Written to a temporary file
+    and renamed, so the doc is never half written."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, cpu_model, load_average, versions
+from _common import REPO, cpu_model, load_average, versions, write_block
 from minidiff.shapes_eval import EVAL
 
 BEGIN, END = "<!-- new-concept:begin -->", "<!-- new-concept:end -->"
@@ -326,15 +326,8 @@ def report(result: dict) -> str:
 
 
 def write_into(path: Path, block: str) -> None:
-    """Replace the marked block in `path` (or append it); written to a temporary file and renamed."""
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Replace this report's marked block in `path` (or append it); never half written (_common.write_block)."""
+    write_block(path, block, BEGIN, END)
 
 
 def main(argv=None) -> int:
