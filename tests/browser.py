@@ -4,6 +4,7 @@ MINIDIFF_CHROMIUM names another). Call `require_chromium()` at the top of a brow
 where the browser or Playwright is missing."""
 import os
 import shutil
+from contextlib import contextmanager
 
 import pytest
 
@@ -21,3 +22,21 @@ def require_chromium():
         pytest.skip(f"no Chromium at {chromium}: `make setup` installs Debian's chromium (needs apt-get and root)",
                     allow_module_level=True)
     return sync_api, chromium
+
+
+@contextmanager
+def chromium_page(sync_api, chromium: str, viewport: dict, timeout_ms: int):
+    """A new page of a headless Chromium (skips the test where the browser is installed but cannot start); the
+    browser is closed and Playwright stopped afterwards."""
+    pw = sync_api.sync_playwright().start()
+    try:
+        try:
+            browser = pw.chromium.launch(executable_path=chromium, headless=True, args=ARGS, timeout=60_000)
+        except Exception as e:                        # installed but unusable (no shared libs, ...): say so
+            pytest.skip(f"Chromium at {chromium} does not start: {e}")
+        page = browser.new_page(viewport=viewport)
+        page.set_default_timeout(timeout_ms)
+        yield page
+        browser.close()
+    finally:
+        pw.stop()
