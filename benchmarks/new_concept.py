@@ -182,15 +182,10 @@ def lora_change(out: Path) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ measuring
 def measure(pipe, words: dict | None = None, seeds: int = 8, steps: int = EVAL["steps"]) -> dict:
     """Adherence (fraction of images judged correct) on the new concept, the held-out colour and the old pairs
-    (sampler steps: the model card's 20; fewer only in a smoke run)."""
-    from minidiff.data.shapes import CONCEPT_COLOURS, CONCEPT_HELD_OUT_COLOUR, TRAIN_PAIRS
-    from minidiff.shapes_eval import evaluate
-    s = range(seeds)
-    new = evaluate(pipe, [(c, CONCEPT) for c in CONCEPT_COLOURS], seeds=s, steps=steps, words=words)
-    held = evaluate(pipe, [(CONCEPT_HELD_OUT_COLOUR, CONCEPT)], seeds=s, steps=steps, words=words)
-    old = evaluate(pipe, TRAIN_PAIRS, seeds=s, steps=steps)
-    return {"concept": new["accuracy"], "concept_shape": new["shape"], "held_out_colour": held["accuracy"],
-            "original": old["accuracy"], "eval_s": new["seconds"] + held["seconds"] + old["seconds"]}
+    (minidiff.shapes_eval.concept_adherence; sampler steps: the model card's 20, fewer only in a smoke run)."""
+    from minidiff.shapes_eval import concept_adherence
+    r = concept_adherence(pipe, CONCEPT, seeds=seeds, steps=steps, words=words)
+    return {**{k: v for k, v in r.items() if k != "seconds"}, "eval_s": r["seconds"]}
 
 
 def run_experiment(methods, work: Path, threads: int = 1, seeds: int = 8, steps: int | None = None,
