@@ -210,9 +210,9 @@ def check_compare_args(**args) -> None:
     model is taken as it is). Raises InputTypeError / InputValueError before any model loads."""
     from types import SimpleNamespace
     settings = SimpleNamespace(**args)
-    check_settings(settings, COMPARE_FIELDS)
-    paths = {k: v for k, v in COMPARE_FIELDS.items() if not hasattr(getattr(settings, k, None), "generate")}
-    check_on_this_machine(settings, paths)
+    fields = {k: v for k, v in COMPARE_FIELDS.items() if not hasattr(getattr(settings, k, None), "generate")}
+    check_settings(settings, fields)
+    check_on_this_machine(settings, fields)
 
 
 def compare(base, tuned, prompts=None, seeds=(0, 1), steps: int = 50, guidance: float = 7.5,
