@@ -1,10 +1,12 @@
 # The two commands a fresh machine needs (see README):
 #   make demo   — set up, then run the main job (text-to-image on the embedded default model)
 #   make test   — set up, then run the test suite (what CI runs)
+# and, after changing a notebook or what it shows:
+#   make notebooks — re-execute every notebook in place and store its outputs (NB="06 10d" for some of them)
 PY ?= python3
 PROMPT ?= a blue triangle
 
-.PHONY: setup demo test test-slow bench
+.PHONY: setup demo test test-slow bench notebooks
 setup:
 	@# CPU build of torch from this machine's disk; a bare `torch` requirement would pull a multi-GB CUDA build
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
@@ -27,3 +29,6 @@ test-slow: setup
 
 bench: setup
 	$(PY) benchmarks/bench_unet_cpu.py
+
+notebooks: setup
+	$(PY) notebooks/execute.py $(NB)

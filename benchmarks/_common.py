@@ -1,10 +1,11 @@
-"""Shared by the benchmark scripts: the machine and software a number was measured on, interleaved timing, and
-appending a result section to docs/benchmarks.md."""
+"""Shared by the benchmark scripts: the machine and software a number was measured on, interleaved timing, peak
+memory, and appending a result section to docs/benchmarks.md."""
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -128,6 +129,58 @@ def interleaved(fns: dict, n: int, warmup: int = 1, sync=None, progress: bool = 
     return out
 
 
+class PeakMemory:
+    """`with PeakMemory(device) as m: ...` then m.peak_bytes: the peak memory of the block (None: not measurable).
+
+    CUDA: torch.cuda.max_memory_allocated (the caching allocator's tensors). CPU: the process's peak resident set size
+    (Linux VmHWM), which counts the weights already loaded too, so compare it with `base_bytes`, the resident size at
+    entry. VmHWM is the peak of the process's whole life unless it is reset at entry (writing 5 to
+    /proc/self/clear_refs); where that reset fails (not Linux, or not allowed) the peak of the block cannot be told
+    from an older one, and peak_bytes is None rather than a number that belongs to something else."""
+
+    def __init__(self, device="cpu"):
+        import torch
+        self.device = torch.device(device)
+        self.peak_bytes = self.base_bytes = None
+        self._reset = False
+
+    def __enter__(self):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_bytes = torch.cuda.memory_allocated(self.device)
+            self._reset = True
+        else:
+            self.base_bytes = _proc_status("VmRSS")
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self._reset = _proc_status("VmHWM") is not None
+            except OSError:
+                self._reset = False
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self._reset:
+            self.peak_bytes = _proc_status("VmHWM")
+        return False
+
+
+def _proc_status(field: str):
+    """A /proc/self/status field in bytes (VmRSS, VmHWM), or None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+        return int(m.group(1)) * 1024 if m else None
+    except OSError:
+        return None
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -157,3 +210,18 @@ def append_section(title: str, table: str, notes: list[str] | None = None, load_
         f.write(text)
     print(f"appended to {DOC.relative_to(REPO)}")
     return text
+
+
+def write_block(path, block: str, begin: str, end: str) -> None:
+    """Put `block` (which starts with the marker `begin` and ends with `end`) into the markdown file `path`: it
+    replaces the text between the markers when they are there, else it is appended. Written to a temporary file
+    and renamed, so the doc is never half written."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -22,7 +22,7 @@ published configs, saved to a temporary folder, and loaded from there by diffuse
 For every row: one warm-up call (it compiles the compiled variants), then --repeats timed calls, medians reported:
   it/s      = (n − 1) / (t_last − t_first), t_i taken by a per-step callback after torch.cuda.synchronize
   s/image   = the whole call (prompt encoding, the steps, VAE decode), synchronized
-  peak GiB  = torch.cuda.max_memory_allocated over the timed calls (minidiff.speed.PeakMemory)
+  peak GiB  = torch.cuda.max_memory_allocated over the timed calls (_common.PeakMemory)
 Then bench_train.main(["--device", "cuda"]) measures training samples/s and peak memory on the full U-Net at 512²
 (it appends its own section), and this script appends one section with the inference table and the targets:
 ≥ 165 it/s on one H100, ≥ 100 training samples/s, a full-U-Net fine-tune under 24 GiB with checkpointing.
@@ -38,7 +38,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from _common import REPO, append_section, load_average, md_table, median
+from _common import REPO, PeakMemory, append_section, load_average, md_table, median
 
 import torch  # noqa: E402  (after _common put the repo on sys.path)
 
@@ -169,7 +169,7 @@ def measure(run, device, repeats: int) -> dict:
         print(f"    warm-up {warmup:.1f}s (warm-only)", flush=True)
         return dict(it_s=float("nan"), s_image=float("nan"), peak=None, warmup=warmup, image=image.float().cpu())
     its, secs = [], []
-    with speed.PeakMemory(device) as mem:
+    with PeakMemory(device) as mem:
         for _ in range(repeats):
             _, s = timed()
             secs.append(s)

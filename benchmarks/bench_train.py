@@ -42,7 +42,7 @@ import os
 import time
 from contextlib import nullcontext
 
-from _common import append_section, interleaved, load_average, md_table, median
+from _common import PeakMemory, append_section, interleaved, load_average, md_table, median
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -221,7 +221,6 @@ def measure(device, cfg, rows: dict, steps: int, warmup: int = 2) -> dict:
     steps = 0: the warm-up steps only (compilation: fills inductor's caches for a later run, see gpu_session.py)."""
     data = make_data(cfg, device)
     make = {"minidiff": Trainer, "diffusers": DiffusersTrainer}
-    from minidiff.speed import PeakMemory
     results = {}
     if device.type == "cuda":
         for name, (lib, feats) in rows.items():

@@ -28,7 +28,7 @@ import gc
 import time
 from pathlib import Path
 
-from _common import REPO, append_section, interleaved, isa_summary, load_average, md_table, median
+from _common import REPO, PeakMemory, append_section, interleaved, isa_summary, load_average, md_table, median
 
 import torch  # noqa: E402  (after _common put the repo on sys.path)
 
@@ -149,7 +149,7 @@ def measure(models: dict, inputs, n: int, ref32=None) -> tuple[dict, dict, dict,
     peaks, diffs = {}, {}
     with torch.inference_mode():
         for name, model in models.items():       # first call: also the warm-up (and the compilation, if compiled)
-            with speed.PeakMemory("cpu") as mem:
+            with PeakMemory("cpu") as mem:
                 t0 = time.perf_counter()
                 out = call(model, *inputs).float()
                 first = time.perf_counter() - t0

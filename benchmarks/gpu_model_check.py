@@ -9,7 +9,7 @@ For the SD v1.4 U-Net (random weights, full size, batch 2 at 64×64 latents), th
   * torch.compile(fullgraph=True) of the U-Net with the Triton ops inside: graph breaks (must be 0) and the compiled
     output vs eager;
   * time per U-Net call, Triton vs reference kernels, eager (torch.cuda.Event medians).
-Exit status 1 when a correctness row fails its bound (the same per-dtype tolerances as tests/test_speed.py).
+Exit status 1 when a correctness row fails its bound (the per-dtype tolerances of tests/kernel_fixtures.py TOL).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from minidiff.clip import CLIPTextConfig, CLIPTextTransformer  # noqa: E402
 from minidiff.unet import UNet, UNetConfig  # noqa: E402
 from minidiff.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}   # as tests/test_speed.py (+ fp16: 11 bits)
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}   # as tests/kernel_fixtures.py (+ fp16: 11 bits)
 TOL_GRAD = {torch.float32: 1e-3, torch.bfloat16: 1e-1}
 
 

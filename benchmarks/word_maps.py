@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import command_line, cpu_model, git_commit, load_average
+from _common import command_line, cpu_model, git_commit, load_average, write_block
 
 BEGIN, END = "<!-- word-maps:begin -->", "<!-- word-maps:end -->"
 DISC_DIAMETER = 18   # the dataset's mean shape size: bounding boxes of 12..24 px, uniformly drawn
@@ -205,14 +205,8 @@ def main(argv=None) -> int:
     if args.picture:
         print(picture(picked, args.picture))
     if args.out:
-        doc = Path(args.out)
-        text = doc.read_text() if doc.exists() else ""
-        if BEGIN in text and END in text:
-            text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + block + "\n"
-        doc.write_text(text)
-        print(f"wrote {doc}")
+        write_block(args.out, block, BEGIN, END)
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 # The model stack is imported on first use, so `import minidiff.nn` (chapter 1) and `minidiff --help` stay light.
 _LAZY = {"load": "checkpoint", "save": "checkpoint", "CheckpointError": "formats.weights",
-         "StableDiffusion": "pipeline"}
+         "StableDiffusion": "pipeline", "InputError": "errors", "MinidiffError": "errors"}
 
 
 def __getattr__(name):
@@ -19,4 +19,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'minidiff' has no attribute {name!r}")
 
 
-__all__ = ["load", "save", "CheckpointError", "StableDiffusion", "__version__"]
+__all__ = ["load", "save", "CheckpointError", "InputError", "MinidiffError", "StableDiffusion", "__version__"]

@@ -26,7 +26,8 @@ from .clip import CLIPTextConfig, CLIPTextTransformer
 from .files import atomic_dir, atomic_write
 from .formats import keymaps
 from .formats.weights import CheckpointError, read_state_dict
-from .pipeline import SD_V1_SCHEDULER, StableDiffusion
+from .pipeline import StableDiffusion
+from .schedulers import SD_V1_CONFIG
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
 from .validation import check_config
@@ -115,6 +116,32 @@ def load(path=None, device="cpu", dtype=torch.float32, ema: bool = False, unsafe
     return pipe
 
 
+def vae_scale_factor(path=None) -> int | None:
+    """The VAE's downsampling factor f (pixels per latent pixel) of the model load(path) gives, read without a single
+    weight: from vae/config.json (a diffusers folder) or a .safetensors header (the configs minidiff.save writes there,
+    else the names of the encoder's levels). None when only loading can tell (a pickle) or when the files are not
+    what load() takes (load says why). The settings' door uses it to refuse a --resolution before the model loads."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+    path = DEFAULT_MODEL if path is None else Path(path)
+    try:
+        if path.is_dir():
+            levels = len(_read_json(path / "vae" / "config.json")["block_out_channels"])
+        elif path.suffix == ".safetensors" and path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                meta, keys = f.metadata() or {}, list(f.keys())
+            if "minidiff" in meta:
+                levels = len(json.loads(meta["minidiff"])["vae"]["block_out_channels"])
+            else:
+                levels = 1 + max(int(m[1]) for k in keys
+                                 if (m := re.match(r"first_stage_model\.encoder\.down\.(\d+)\.", k)))
+        else:
+            return None
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return None
+    return 2 ** (levels - 1)
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -178,7 +205,7 @@ def _load_diffusers(path: Path, device, dtype, unsafe_pickle) -> StableDiffusion
                               f"match the U-Net's cross_attention_dim {unet_cfg.cross_attention_dim}")
     sched_file = path / "scheduler" / "scheduler_config.json"
     scheduler_cfg = _scheduler_config(_read_json(sched_file), sched_file) if sched_file.is_file() \
-        else dict(SD_V1_SCHEDULER)
+        else dict(SD_V1_CONFIG)
 
     with torch.device("meta"):
         skeletons = {"unet": UNet(unet_cfg), "vae": AutoencoderKL(vae_cfg), "text_encoder": CLIPTextTransformer(text_cfg)}
@@ -211,7 +238,7 @@ def _load_compvis(path: Path, device, dtype, ema, unsafe_pickle) -> StableDiffus
         unet_cfg, vae_cfg, text_cfg, scheduler_cfg = _metadata_configs(path, metadata["minidiff"])
     else:
         unet_cfg, vae_cfg, text_cfg = infer_compvis_configs(path, sd)
-        scheduler_cfg = dict(SD_V1_SCHEDULER)
+        scheduler_cfg = dict(SD_V1_CONFIG)
     has_ema = any(k.startswith("model_ema.") and not keymaps.COMPVIS_SKIP.match(k) for k in sd)
     if ema and not has_ema:
         raise CheckpointError(f"{path}: ema=True but the file has no EMA weights (no 'model_ema.*' tensors)")
@@ -247,7 +274,7 @@ def _metadata_configs(path: Path, text: str):
             configs.append(from_fn(meta[kind]))
         except (ValueError, TypeError, KeyError) as e:
             raise _named(where, "unsupported model configuration", e) from None
-    scheduler = _scheduler_config(meta.get("scheduler", dict(SD_V1_SCHEDULER)),
+    scheduler = _scheduler_config(meta.get("scheduler", dict(SD_V1_CONFIG)),
                                   f"{path} (metadata 'minidiff', 'scheduler')")
     return (*configs, scheduler)
 

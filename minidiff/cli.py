@@ -3,6 +3,13 @@
 Each subcommand is a module of minidiff/commands/ (the only place with argparse); it exposes `add_arguments(parser)` and
 `run(args)`. The table below is the whole wiring: modules are imported only when their subcommand runs,
 so `minidiff --help` stays fast.
+
+Errors, once for every command (`run`): the errors minidiff raises on purpose (minidiff.errors: bad input refused at
+the door, a file that is not a model, a missing package, NaN during sampling or training) and the system's answers
+about a path the user gave (no such file, not a folder, permission denied, ...) are printed as one line,
+`minidiff COMMAND: error: MESSAGE`, naming the flag, and the command exits 2 — argparse's convention for its own
+usage errors. Any other exception is a bug of ours and keeps its traceback, so it can be reported. A warning from
+minidiff's own code (a dataset's skipped image) is printed as one line too: `minidiff COMMAND: warning: ...`.
 """
 from __future__ import annotations
 
@@ -11,7 +18,11 @@ import importlib
 import importlib.util
 import re
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import is_clear, one_line
 
 SUBCOMMANDS = {
     # name:         (module,                      one-line help)
@@ -103,7 +114,44 @@ def main(argv=None) -> int:
     cmd = argparse.ArgumentParser(prog=f"minidiff {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(cmd)
     args = cmd.parse_args(argv[1:])
-    return module.run(args) or 0
+    with short_warnings(cmd.prog):
+        try:
+            return module.run(args) or 0
+        except Exception as e:
+            if not is_clear(e):
+                raise                                    # a bug of ours: its traceback is what to report
+            print(f"{cmd.prog}: error: {error_line(e, cmd, getattr(module, 'FLAGS', {}))}", file=sys.stderr)
+            return 2
+
+
+def error_line(e: BaseException, parser: argparse.ArgumentParser, flags: dict) -> str:
+    """The one line a clear error is printed as: its message, and the flag it is about when the message does not
+    name it yet. The flag of an InputError's field: the command's FLAGS[field] (a flag named otherwise than the
+    library's argument, e.g. generate's --guidance for guidance_scale), else the option whose dest is the field."""
+    text = one_line(e)
+    field = getattr(e, "field", None)
+    flag = flags.get(field) or next((a.option_strings[-1] for a in parser._actions
+                                     if a.dest == field and a.option_strings), None)
+    return f"{text} ({flag})" if flag and flag not in text else text
+
+
+@contextmanager
+def short_warnings(prog: str):
+    """While a command runs, a warning raised by minidiff's own code is one line `PROG: warning: MESSAGE` (Python's
+    default adds the file, the line and its source); warnings from other packages keep Python's format."""
+    package = str(Path(__file__).resolve().parent)
+    default = warnings.formatwarning
+
+    def short(message, category, filename, lineno, line=None):
+        if str(Path(filename).resolve()).startswith(package):
+            return f"{prog}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = short
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
 
 
 if __name__ == "__main__":

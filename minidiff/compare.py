@@ -21,6 +21,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import InputValueError
+from .settings import (SEED_MAX, Device, Existing, Int, Ints, Real, Sampler, Text, Texts, check_on_this_machine,
+                       check_settings)
+
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "monograph.txt"
 BACKGROUND, INK = (255, 255, 255), (0, 0, 0)
 
@@ -150,10 +154,14 @@ def grid_cell(grid: Image.Image, r: int, c: int) -> Image.Image:
 def read_prompts(path=None) -> list[str]:
     """One prompt per line (UTF-8); blank lines and lines starting with '#' are skipped. None = the monograph's 15."""
     path = Path(path) if path is not None else DEFAULT_PROMPTS
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise InputValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); give a text file, one prompt "
+                              f"per line") from None
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        raise ValueError(f"{path}: no prompts (one per line)")
+        raise InputValueError(f"{path}: no prompts (one per line)")
     return prompts
 
 
@@ -178,6 +186,35 @@ def render(model, prompts, seeds, steps: int = 50, guidance: float = 7.5, schedu
     return out
 
 
+# The door's table of compare()'s settings (minidiff.settings), with the flags of `minidiff compare`. A model given as
+# a loaded StableDiffusion is not a path and is not looked at here.
+COMPARE_FIELDS = {
+    "base": Existing(what="a diffusers folder or a CompVis .ckpt/.safetensors file", optional=True),
+    "tuned": Existing(what="a diffusers folder or a CompVis .ckpt/.safetensors file"),
+    "prompts": Texts(nonempty=True, optional=True),
+    "seeds": Ints(0, SEED_MAX),
+    "steps": Int(1),
+    "guidance": Real(0),
+    "scheduler": Sampler(optional=True),
+    "height": Int(1, optional=True),                 # and a multiple of the model's VAE factor: generate() checks
+    "width": Int(1, optional=True),
+    "negative_prompt": Text(nonempty=False, optional=True, flag="--negative"),
+    "device": Device(),
+    "labels": Texts(n=2),
+    "cell": Int(1, optional=True),
+}
+
+
+def check_compare_args(**args) -> None:
+    """compare()'s arguments by COMPARE_FIELDS: types and ranges, then the model paths and the device (a loaded
+    model is taken as it is). Raises InputTypeError / InputValueError before any model loads."""
+    from types import SimpleNamespace
+    settings = SimpleNamespace(**args)
+    fields = {k: v for k, v in COMPARE_FIELDS.items() if not hasattr(getattr(settings, k, None), "generate")}
+    check_settings(settings, fields)
+    check_on_this_machine(settings, fields)
+
+
 def compare(base, tuned, prompts=None, seeds=(0, 1), steps: int = 50, guidance: float = 7.5,
             scheduler: str | None = None, height=None, width=None, negative_prompt=None, device="cpu", dtype=None,
             labels=("base", "tuned"), cell: int | None = None, title: str | None = None,
@@ -187,13 +224,21 @@ def compare(base, tuned, prompts=None, seeds=(0, 1), steps: int = 50, guidance: 
     base, tuned: loaded StableDiffusion objects or paths (loaded one after the other, so only one model is in
     memory at a time when paths are given). prompts: a list, or None for the monograph's prompts.
     scheduler: a sampler name, or None for each model's own (the class its scheduler_config.json names).
-    cell: the cell side in pixels (None: the images' size, enlarged to >= 128 px for tiny models)."""
+    cell: the cell side in pixels (None: the images' size, enlarged to >= 128 px for tiny models).
+    Every argument is checked before any model loads (COMPARE_FIELDS); generate() checks the rest on each model."""
+    from .formats.weights import CheckpointError
+    check_compare_args(base=base, tuned=tuned, prompts=prompts, seeds=seeds, steps=steps, guidance=guidance,
+                       scheduler=scheduler, height=height, width=width, negative_prompt=negative_prompt,
+                       device=device, labels=labels, cell=cell)
     prompts = read_prompts() if prompts is None else list(prompts)
-    seeds = [int(s) for s in seeds]
+    seeds = list(seeds)
     rendered = []
-    for model in (base, tuned):
-        rendered.append(render(model, prompts, seeds, steps, guidance, scheduler, height, width, negative_prompt,
-                               device, dtype, progress))
+    for name, model in (("base", base), ("tuned", tuned)):
+        try:
+            rendered.append(render(model, prompts, seeds, steps, guidance, scheduler, height, width, negative_prompt,
+                                   device, dtype, progress))
+        except CheckpointError as e:                  # say which of the two models it is (--base / --tuned)
+            raise CheckpointError(str(e), field=name) from None
     rows = [[rendered[k][(p, s)] for s in seeds for k in (0, 1)] for p in prompts]
     cols = [f"{labels[k]} · seed {s}" for s in seeds for k in (0, 1)]
     if cell is None:
@@ -201,4 +246,5 @@ def compare(base, tuned, prompts=None, seeds=(0, 1), steps: int = 50, guidance: 
     return make_grid(rows, prompts, cols, cell=cell, title=title)
 
 
-__all__ = ["make_grid", "readable_cell", "grid_cell", "read_prompts", "render", "compare", "DEFAULT_PROMPTS"]
+__all__ = ["make_grid", "readable_cell", "grid_cell", "read_prompts", "render", "COMPARE_FIELDS", "check_compare_args",
+           "compare", "DEFAULT_PROMPTS"]

@@ -33,12 +33,8 @@ from tqdm.auto import tqdm
 
 from . import images, kernels
 from . import prompts as prompts_mod
-from .schedulers import make_scheduler, scheduler_name
+from .schedulers import SD_V1_CONFIG, make_scheduler, scheduler_name
 from .validation import NaNWatch, check_finite_images, check_generate_args
-
-SD_V1_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                   "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None}
 
 
 def _on_own_kernels(method):
@@ -67,7 +63,7 @@ class StableDiffusion:
     text_encoder: torch.nn.Module
     unet: torch.nn.Module
     vae: torch.nn.Module
-    scheduler_config: dict = field(default_factory=lambda: dict(SD_V1_SCHEDULER))
+    scheduler_config: dict = field(default_factory=lambda: dict(SD_V1_CONFIG))
     fast: bool = True
     execution_device: torch.device | None = None
 
@@ -87,15 +83,28 @@ class StableDiffusion:
     def latent_scale(self) -> float:
         return self.vae.config.scaling_factor
 
+    @property
+    def is_inpainting(self) -> bool:
+        """An inpainting U-Net (sd-v1-5-inpainting's layout): its input is [z_t | mask | masked image's latents]."""
+        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+
+    def image_size(self, image=None, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(height, width) in pixels of what generate() draws: as asked; else the start image's size rounded down to
+        a multiple of the VAE's factor f; else the U-Net's sample_size · f (512 for SD v1.4)."""
+        if image is not None:
+            return images.target_size(image, self.vae_scale_factor, height, width)
+        size = self.unet.config.sample_size
+        return height or size * self.vae_scale_factor, width or size * self.vae_scale_factor
+
     def to(self, device=None, dtype=None) -> "StableDiffusion":
         for m in (self.text_encoder, self.unet, self.vae):
             m.to(device=device, dtype=dtype)
         return self
 
     def make_scheduler(self, name: str | None = None):
-        """A fresh scheduler of the given kind (a name of minidiff.schedulers.SCHEDULER_NAMES, any case) on this
-        model's schedule; None: the kind its scheduler_config.json names (PNDM for SD v1.4), as diffusers' pipelines
-        do (with a warning when it names a class minidiff lacks)."""
+        """A fresh scheduler of the given kind (any name minidiff.schedulers.resolve accepts: minidiff's or
+        AUTOMATIC1111's, any case) on this model's schedule; None: the kind its scheduler_config.json names (PNDM for
+        SD v1.4), as diffusers' pipelines do (with a warning when it names a class minidiff lacks)."""
         return make_scheduler(name or scheduler_name(self.scheduler_config), self.scheduler_config)
 
     def load_embedding(self, path, token: str | None = None) -> list[str]:
@@ -125,14 +134,19 @@ class StableDiffusion:
         prompt: a string or a list of B strings (longer than 75 tokens: encoded in chunks; "(word:1.3)", "(word)",
         "[word]" weight words, see minidiff.prompts); negative_prompt: None (= ""), a string, or B strings.
         prompt_embeds / negative_prompt_embeds: contexts [B, L, d] given instead of the strings (as diffusers).
-        scheduler: one of minidiff.schedulers.SCHEDULER_NAMES ("pndm", "ddim", "ddpm", "euler", "euler_a", "lms",
-        "dpmpp", and "euler_karras", "lms_karras", "dpmpp_karras"), any case; None = the model's own (its
-        scheduler_config's class: "pndm" for SD v1.4, "ddim" for the embedded shapes model).
+        scheduler: a sampler name, any case: minidiff's (minidiff.schedulers.SCHEDULER_NAMES: "pndm", "ddim",
+        "ddpm", "euler", "euler_a", "lms", "heun", "dpm2", "dpm2_a", "dpmpp", "dpmpp_sde", "unipc", "lcm", and
+        "<name>_karras" for Karras σ's where diffusers offers them) or AUTOMATIC1111's ("DPM++ 2M Karras", "Euler a",
+        "UniPC", ...: minidiff.schedulers.A1111_NAMES); None = the model's own (its scheduler_config's class: "pndm"
+        for SD v1.4, "ddim" for the embedded shapes model). "lcm" is for LCM models and LCM-LoRAs, with
+        guidance_scale=1 and 2-8 steps.
         seed / generator: where every random number comes from, drawn in diffusers' order (VAE posterior sample of
         `image`, then the noise, then the masked image's posterior, then the samplers' own draws).
-        latents: explicit unit-variance noise [B·num_images, 4, H/8, W/8] instead of drawing it: scaled by the
-        scheduler's initial sigma (text to image, inpainting at strength 1), or added to the image's latents at the
-        step `strength` picks (image to image, inpainting below strength 1).
+        latents: explicit unit-variance noise [B·num_images, latent_channels (4), H/8, W/8] instead of drawing it,
+        for every U-Net (an inpainting U-Net's extra inputs come from image and mask_image), as diffusers takes it:
+        scaled by the scheduler's initial sigma (text to image, inpainting at strength 1: diffusers' image), or added
+        to the image's latents at the step `strength` picks (image to image, inpainting below strength 1, where
+        diffusers' inpainting pipeline instead starts from the scaled noise alone when given latents).
         image: a PIL image (or list) or a tensor [1 or B, 3, H, W] in [0, 1]; the output has its size rounded down
         to a multiple of 8 (or height x width when given). Image i goes with prompt i (one image: with all).
         strength: in [0, 1], how much of the schedule is run, i.e. how far from the image the result may go; the
@@ -147,16 +161,13 @@ class StableDiffusion:
         check_generate_args(self, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
                             guidance_scale=guidance_scale, scheduler=scheduler, seed=seed, latents=latents,
                             height=height, width=width, num_images=num_images, output=output, generator=generator,
-                            eta=eta, progress=progress, callback=callback, prompt_embeds=prompt_embeds)
-        inpaint_unet = self._check_unet_inputs(image, mask_image)
+                            eta=eta, progress=progress, callback=callback, image=image, strength=strength,
+                            mask_image=mask_image, prompt_embeds=prompt_embeds,
+                            negative_prompt_embeds=negative_prompt_embeds)
+        # every argument is valid from here on
+        inpaint_unet = self.is_inpainting
         f = self.vae_scale_factor
-        if image is not None:
-            _check_strength(strength, steps)
-            height, width = images.target_size(image, f, height, width)
-        height = height or self.unet.config.sample_size * f
-        width = width or self.unet.config.sample_size * f
-        if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+        height, width = self.image_size(image, height, width)
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
 
@@ -171,9 +182,10 @@ class StableDiffusion:
 
         sched = self.make_scheduler(scheduler)
         sched.set_timesteps(steps)
+        step_kwargs = {"generator": generator}   # decided once: DDIM's step takes η, the others have none (diffusers)
+        if "eta" in inspect.signature(sched.step).parameters:
+            step_kwargs["eta"] = eta
         shape = (N, self.vae.config.latent_channels, height // f, width // f)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         if image is None:  # text to image: z_T = σ_init · ε
             timesteps = sched.timesteps
             noise = latents if latents is not None else torch.randn(shape, generator=generator, dtype=self.dtype)
@@ -181,8 +193,8 @@ class StableDiffusion:
             start = None
         else:  # start part-way down: only the last int(steps·strength) steps run (diffusers' get_timesteps)
             timesteps = strength_timesteps(sched, steps, strength)
-            start = self._start_from_image(image, mask_image, strength, sched, timesteps, shape, B, num_images,
-                                           latents, generator)
+            start = self._start_from_image(image, mask_image, strength, sched, timesteps, shape, num_images, latents,
+                                           generator)
             latents = start.latents
         blend = start is not None and start.mask is not None and not inpaint_unet  # 4-channel inpainting
         if inpaint_unet:  # the U-Net's extra input, doubled like the latents under guidance: [2N or N, 1 + 4, h, w]
@@ -201,7 +213,7 @@ class StableDiffusion:
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
             else:  # a tensor of our own: PNDM / DPM++ keep past outputs, and a U-Net compiled with CUDA graphs
                 eps = eps.clone()  # writes every call's output into the same buffer
-            latents = self._step(sched, eps, t, latents, generator, eta)
+            latents = sched.step(eps, t, latents, **step_kwargs)
             if blend:  # 4-channel inpainting: the known region is the image noised to the NEXT timestep's level
                 # (diffusers' add_noise(z_0, ε, timesteps[i+1])), and the clean image after the last step
                 known = start.image_latents if i == len(timesteps) - 1 else \
@@ -216,50 +228,14 @@ class StableDiffusion:
         check_finite_images(images_out)
         return images_out if output == "tensor" else to_pil(images_out)
 
-    def _check_unet_inputs(self, image, mask_image) -> bool:
-        """True for a 9-channel inpainting U-Net (which then needs image and mask_image); SD's own has 4."""
-        c, latent = self.unet.config.in_channels, self.vae.config.latent_channels
-        if mask_image is not None and image is None:
-            raise ValueError("mask_image needs image= (the picture to inpaint)")
-        if c == 2 * latent + 1:  # z_t, the mask, the masked image's latents
-            if mask_image is None:
-                raise ValueError(f"this U-Net has {c} input channels (an inpainting model): pass image= and "
-                                 "mask_image=")
-            return True
-        if c != latent:
-            raise ValueError(f"the U-Net has {c} input channels; minidiff samples with {latent} (SD) or "
-                             f"{2 * latent + 1} (an inpainting U-Net)")
-        return False
-
     def _contexts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guided):
         """-> (context [B, L, d], negative context [B, L, d] or None without guidance), from strings or given
         embeddings (as diffusers' encode_prompt takes them). Strings are encoded in one batch, so a prompt and its
         negative are padded to the same number of chunks."""
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("pass either prompt or prompt_embeds (exactly one of them)")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
-        d = self.unet.config.cross_attention_dim
-        for name, e in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-            if e is not None and (not isinstance(e, torch.Tensor) or e.ndim != 3 or e.shape[-1] != d):
-                raise ValueError(f"{name} must be a tensor [B, L, {d}], got "
-                                 f"{tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__}")
-        if prompt_embeds is not None and negative_prompt_embeds is not None and \
-                prompt_embeds.shape != negative_prompt_embeds.shape:
-            raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
-                             f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
         prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
         B = len(prompts) if prompts is not None else prompt_embeds.shape[0]
-        if negative_prompt is None:
-            negatives = [""] * B
-        elif isinstance(negative_prompt, str):
-            negatives = [negative_prompt] * B
-        else:
-            negatives = list(negative_prompt)
-            if len(negatives) != B:
-                raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {B}")
-        if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != B:
-            raise ValueError(f"negative_prompt_embeds has {negative_prompt_embeds.shape[0]} rows but prompt has {B}")
+        negatives = [""] * B if negative_prompt is None else [negative_prompt] * B \
+            if isinstance(negative_prompt, str) else list(negative_prompt)
 
         def given(e):
             return e.to(self.device, self.dtype)
@@ -276,25 +252,20 @@ class StableDiffusion:
         uncond = given(negative_prompt_embeds) if negative_prompt_embeds is not None else encode(negatives).to(self.dtype)
         return context, uncond
 
-    def _start_from_image(self, image, mask_image, strength, sched, timesteps, shape, B, num_images, noise,
+    def _start_from_image(self, image, mask_image, strength, sched, timesteps, shape, num_images, noise,
                           generator) -> "Start":
         """The initial latents of image to image and inpainting, drawing random numbers in diffusers' order."""
         N, _, h, w = shape
         height, width = h * self.vae_scale_factor, w * self.vae_scale_factor
         x = images.prepare_image(image, self.vae_scale_factor, height, width)  # [B_img, 3, H, W] in [-1, 1]
-        if x.shape[0] not in (1, B):
-            raise ValueError(f"image has {x.shape[0]} pictures but prompt has {B}: give 1 (for all) or {B}")
 
         def per_output(t):  # [1 or B, ...] -> [N, ...]: picture i goes with prompt i, repeated num_images times
             return t.repeat(N, 1, 1, 1) if t.shape[0] == 1 else t.repeat_interleave(num_images, dim=0)
 
         mask = None
         if mask_image is not None:
-            images.check_same_size(image, mask_image)
             mask = images.prepare_mask(mask_image, height, width)            # [B_m, 1, H, W] of 0/1
-            if mask.shape[0] not in (1, x.shape[0]):
-                raise ValueError(f"mask_image has {mask.shape[0]} masks but image has {x.shape[0]} pictures")
-        inpaint_unet = self.unet.config.in_channels != self.vae.config.latent_channels
+        inpaint_unet = self.is_inpainting
         # 1. the image's latents: a SAMPLE of the VAE posterior drawn with the generator (diffusers'
         #    retrieve_latents(sample_mode="sample")), not its mean. Inpainting at strength 1 with a 9-channel U-Net
         #    starts from pure noise and never needs them, so diffusers skips this draw there.
@@ -328,13 +299,6 @@ class StableDiffusion:
         posterior = self.vae.encode(x.to(self.device, vae_dtype))
         return (posterior.sample(generator) * self.latent_scale).to(self.dtype)
 
-    @staticmethod
-    def _step(sched, eps, t, latents, generator, eta):
-        kwargs = {"generator": generator}
-        if "eta" in inspect.signature(sched.step).parameters:  # DDIM's η; the other samplers have none (as diffusers)
-            kwargs["eta"] = eta
-        return sched.step(eps, t, latents, **kwargs)
-
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [N, 4, h, w] -> images [N, 3, H, W] in [0, 1], decoded in the VAE's own dtype
@@ -358,21 +322,14 @@ class Start:
 def strength_timesteps(sched, steps: int, strength: float) -> torch.Tensor:
     """The timesteps image to image runs (diffusers' get_timesteps): the last int(steps·strength) of `steps`.
 
-    t_start = steps - int(steps·strength) entries are cut from the top of sched.timesteps, and samplers that keep a
-    step index start at entry t_start (set_begin_index). The cut is made in sched.timesteps itself, so PNDM, whose
-    list holds one timestep twice (the Heun start, n + 1 entries), keeps one more entry than `steps - t_start` and
-    runs its warm-up on the first two of them, exactly as diffusers does. Every minidiff sampler has order 1."""
+    t_start = steps - int(steps·strength) steps are cut from the top of sched.timesteps: t_start · order entries, as
+    a 2nd-order sampler (Heun, DPM2: order 2) lists each step's timestep once per network call. Samplers that keep a
+    step index start at that entry (set_begin_index). The cut is made in sched.timesteps itself, so PNDM, whose
+    list holds one timestep twice (the Heun start, n + 1 entries, order 1), keeps one more entry than
+    `steps - t_start` and runs its warm-up on the first two of them, exactly as diffusers does."""
     t_start = steps - min(int(steps * strength), steps)
-    sched.set_begin_index(t_start)
-    return sched.timesteps[t_start:]
-
-
-def _check_strength(strength, steps):
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-    if isinstance(steps, int) and int(steps * strength) < 1:
-        raise ValueError(f"strength={strength} with steps={steps} leaves no step to run (int(steps * strength) = 0); "
-                         "raise strength or steps")
+    sched.set_begin_index(t_start * sched.order)
+    return sched.timesteps[t_start * sched.order:]
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

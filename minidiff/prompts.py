@@ -117,6 +117,13 @@ def chunk(ids: list[int], weights: list[float], bos: int, eos: int, length: int 
     return torch.tensor(rows, dtype=torch.long), torch.tensor(wrows, dtype=torch.float32)
 
 
+def chunk_count(tokenizer, text: str, weighting: bool = True) -> int:
+    """How many 77-position chunks `text` is encoded in: max(1, ⌈tokens/75⌉) (the context has 77 times as many
+    positions). Tokenizes only: validation asks it before any encoding."""
+    ids, _ = tokenize_weighted(tokenizer, tokenizer.expand_multi_vector(text), weighting)
+    return max(1, math.ceil(len(ids) / (tokenizer.model_max_length - 2)))
+
+
 def apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A1111's emphasis on one chunk: z [77, d], weights [77] -> w ⊙ z, rescaled to the mean of z."""
     if bool((weights == 1).all()):

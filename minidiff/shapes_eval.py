@@ -15,7 +15,8 @@ The detector reads an image the way the dataset drew it (minidiff.data.shapes), 
                   is 1 for a cross, ≈ 0.42 for a disc, ≈ 0.25 for a triangle, 0 for a square; above 0.7 it is a cross.
   4. clean        the image shows ONE shape: the blob holds ≥ 90% of the foreground and is at least 30 pixels.
 
-An image counts as correct when it is clean and shows the asked colour AND the asked shape.
+An image counts as correct when it is clean and shows the asked colour AND the asked shape. `evaluate` judges a
+model on prompts × seeds; `concept_adherence` asks what a fine-tune that taught a new shape learned and forgot.
 
     minidiff shapes-eval --grid grid.png       # the committed model, 18 prompts × 8 seeds, and a grid of them
     minidiff shapes-eval --model DIR --steps 20 --scheduler ddim --guidance 5
@@ -27,7 +28,8 @@ from collections import deque
 
 import numpy as np
 
-from .data.shapes import ALL_PAIRS, COLOURS, HELD_OUT, caption
+from .data.shapes import (ALL_PAIRS, COLOURS, CONCEPT_COLOURS, CONCEPT_HELD_OUT_COLOUR, HELD_OUT, TRAIN_PAIRS,
+                          caption)
 
 PALETTE = np.array(list(COLOURS.values()), np.float32)    # [6, 3]
 NAMES = list(COLOURS)
@@ -148,9 +150,11 @@ def judge(image, colour: str, shape: str) -> dict:
 def generate_grid(pipe, pairs=ALL_PAIRS, seeds=EVAL["seeds"], steps: int = EVAL["steps"],
                   scheduler: str = EVAL["scheduler"], guidance_scale: float = EVAL["guidance_scale"],
                   batch: int = 72, words: dict | None = None):
-    """Images for every (pair, seed): the initial noise of seed s is torch.randn([1, 4, h, w], Generator(s)), so an
-    image equals pipe.generate(prompt, seed=s) on its own. `words` renames a shape in the prompts ({"cross": "<cross>"}:
-    a textual-inversion placeholder). -> (float tensor [P·S, 3, H, W] in [0, 1], prompts list)."""
+    """Images for every (pair, seed): the initial noise of seed s is torch.randn([1, 4, h, w], Generator(s)), so with
+    a deterministic sampler (DDIM, PNDM, Euler, ...) an image equals pipe.generate(prompt, seed=s) on its own. A sampler
+    that draws noise between steps (LCM, Euler a, DPM++ 2M SDE, ...) draws it from Generator(i) for the batch that
+    starts at image i: the same images on every call. `words` renames a shape in the prompts ({"cross": "<cross>"}: a
+    textual-inversion placeholder). -> (float tensor [P·S, 3, H, W] in [0, 1], prompts list)."""
     import torch
     c = pipe.unet.config
     shape = (1, c.in_channels, c.sample_size, c.sample_size)
@@ -164,7 +168,8 @@ def generate_grid(pipe, pairs=ALL_PAIRS, seeds=EVAL["seeds"], steps: int = EVAL[
     out = []
     for i in range(0, len(prompts), batch):
         out.append(pipe.generate(prompts[i:i + batch], steps=steps, guidance_scale=guidance_scale,
-                                 scheduler=scheduler, latents=noise[i:i + batch], output="tensor", progress=False))
+                                 scheduler=scheduler, latents=noise[i:i + batch], output="tensor", progress=False,
+                                 generator=torch.Generator().manual_seed(i)))
     return torch.cat(out), prompts
 
 
@@ -199,6 +204,26 @@ def evaluate(pipe, pairs=ALL_PAIRS, seeds=EVAL["seeds"], steps: int = EVAL["step
             "images": images, "judgements": judgements, "seconds": seconds,
             "settings": {"steps": steps, "scheduler": scheduler, "guidance_scale": guidance_scale,
                          "seeds": list(seeds), "n_images": len(prompts)}}
+
+
+def concept_adherence(pipe, concept: str = "cross", seeds=EVAL["seeds"], steps: int = EVAL["steps"],
+                      words: dict | None = None) -> dict:
+    """Did a fine-tune teach `concept` (one of CONCEPT_SHAPES), and what did it forget? Adherence — the fraction of
+    images judged correct by evaluate — on three prompt sets (seeds: an int n is range(n)):
+
+        "concept"          "a {colour} {concept}" for the 5 CONCEPT_COLOURS the concept dataset shows it in
+        "held_out_colour"  "a green {concept}": the colour make_concept_dataset keeps out (does the word compose?)
+        "original"         the 15 TRAIN_PAIRS the embedded model learned (forgetting = base model's − this)
+
+    plus "concept_shape" (the concept's images whose shape alone is right) and "seconds" (generating and judging).
+    words: a textual-inversion placeholder for the concept ({"cross": "<cross>"}), used in its prompts only.
+    Sampling: EVAL's (DDIM, guidance 5); `steps` fewer than its 20 only for a smoke run."""
+    seeds = range(seeds) if isinstance(seeds, int) else seeds
+    new = evaluate(pipe, [(c, concept) for c in CONCEPT_COLOURS], seeds=seeds, steps=steps, words=words)
+    held = evaluate(pipe, [(CONCEPT_HELD_OUT_COLOUR, concept)], seeds=seeds, steps=steps, words=words)
+    old = evaluate(pipe, TRAIN_PAIRS, seeds=seeds, steps=steps)
+    return {"concept": new["accuracy"], "concept_shape": new["shape"], "held_out_colour": held["accuracy"],
+            "original": old["accuracy"], "seconds": new["seconds"] + held["seconds"] + old["seconds"]}
 
 
 def samples_grid(r: dict, scale: int = 2):

@@ -8,8 +8,7 @@ This module adds what sits around them:
     the elementwise chains between the kernels; on CUDA it also captures CUDA graphs, so the ~50 sampling steps replay
     one graph with no per-kernel launch cost);
   * the memory savers trade time for memory: attention in query slices, VAE decoding in overlapping tiles, and model
-    offload (each network on the accelerator only while it runs);
-  * `PeakMemory` measures what a block of code needed.
+    offload (each network on the accelerator only while it runs).
 
     pipe = minidiff.load(path)
     minidiff.speed.compile_pipeline(pipe)             # or minidiff.load(path, compile=True)
@@ -19,7 +18,6 @@ This module adds what sits around them:
 """
 from __future__ import annotations
 
-import re
 import types
 
 import torch
@@ -28,7 +26,7 @@ from .networks import networks
 from .nn.attention import CrossAttention
 
 
-# ------------------------------------------------------------------------------------------------ 2. torch.compile
+# ------------------------------------------------------------------------------------------------ 1. torch.compile
 def compile_options(device, mode: str | None = None, fullgraph: bool = True) -> dict:
     """The torch.compile keyword arguments minidiff uses for the U-Net on `device` (the benchmarks use them too).
 
@@ -52,7 +50,7 @@ def compile_pipeline(pipe, mode: str | None = None, fullgraph: bool = True):
     return pipe
 
 
-# --------------------------------------------------------------------------------------------- 3. memory savers
+# --------------------------------------------------------------------------------------------- 2. memory savers
 def enable_attention_slicing(pipe_or_model, slice_size: int | None = 1024):
     """Compute every attention in chunks of `slice_size` queries: at most [B, h, slice_size, S] scores at a time
     instead of [B, h, L, S] (the fused SDPA kernels already avoid the full matrix; the naive path and older
@@ -187,50 +185,5 @@ def _device_of(model):
     return next(model.parameters()).device
 
 
-# ------------------------------------------------------------------------------------------------ 4. measuring
-class PeakMemory:
-    """`with PeakMemory(device) as m: ...` then m.peak_bytes: the peak memory of the block.
-
-    CUDA: torch.cuda.max_memory_allocated (the caching allocator's tensors). CPU: the process's peak resident set
-    size (Linux VmHWM, reset at entry through /proc/self/clear_refs; None where that is unavailable) — it counts the
-    weights already loaded too, so compare it with `base_bytes`, the resident size at entry."""
-
-    def __init__(self, device="cpu"):
-        self.device = torch.device(device)
-        self.peak_bytes = self.base_bytes = None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base_bytes = torch.cuda.memory_allocated(self.device)
-        else:
-            self.base_bytes = _proc_status("VmRSS")
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self.peak_bytes = _proc_status("VmHWM")
-        return False
-
-
-def _proc_status(field: str):
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-        return int(m.group(1)) * 1024 if m else None
-    except OSError:
-        return None
-
-
 __all__ = ["compile_options", "compile_pipeline", "enable_attention_slicing", "disable_attention_slicing",
-           "enable_vae_tiling", "disable_vae_tiling", "tiled_decode", "enable_model_offload", "disable_model_offload",
-           "PeakMemory"]
+           "enable_vae_tiling", "disable_vae_tiling", "tiled_decode", "enable_model_offload", "disable_model_offload"]

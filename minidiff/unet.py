@@ -63,8 +63,10 @@ class UNetConfig:
         for c in self.block_out_channels:
             if c % self.heads:
                 raise ValueError(f"{c} channels do not split into heads={self.heads} heads")
-            if c % self.norm_num_groups:
-                raise ValueError(f"{c} channels do not split into norm_num_groups={self.norm_num_groups} groups")
+            g = self.norm_num_groups  # every GroupNorm of a level splits its c channels into g groups
+            if c % g:
+                raise ValueError(f"block_out_channels {list(self.block_out_channels)} do not split into "
+                                 f"norm_num_groups={g} groups ({c} % {g} = {c % g})")
 
     @property
     def time_embed_dim(self) -> int:

@@ -64,6 +64,11 @@ class VAEConfig:
         self.block_out_channels = tuple(self.block_out_channels)
         if isinstance(self.sample_size, list):
             self.sample_size = tuple(self.sample_size)
+        g = self.norm_num_groups  # every GroupNorm of a level splits its c channels into g groups
+        for c in self.block_out_channels:
+            if c % g:
+                raise ValueError(f"block_out_channels {list(self.block_out_channels)} do not split into "
+                                 f"norm_num_groups={g} groups ({c} % {g} = {c % g})")
 
     @property
     def downsample_factor(self) -> int:

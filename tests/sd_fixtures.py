@@ -67,6 +67,18 @@ def make_diffusers_pipe(seed: int = 0, in_channels: int = 4):
                                    feature_extractor=None, requires_safety_checker=False)
 
 
+def diffusers_scheduler(name: str, config: dict):
+    """diffusers' scheduler for a minidiff sampler name ("heun_karras", "dpmpp_sde", ...) on a scheduler config."""
+    import diffusers
+
+    from minidiff.schedulers import SCHEDULERS, split_karras
+    base, karras = split_karras(name)
+    extra = {"use_karras_sigmas": True} if karras else {}
+    if base == "dpmpp_sde":  # DPMSolverMultistepScheduler's SDE variant
+        extra["algorithm_type"] = "sde-dpmsolver++"
+    return getattr(diffusers, SCHEDULERS[base].class_name).from_config({**config, **extra})
+
+
 def write_diffusers(dpipe, folder: Path, safetensors: bool = True) -> Path:
     dpipe.save_pretrained(str(folder), safe_serialization=safetensors)
     if not safetensors:  # transformers 5 writes safetensors regardless; the .bin folders in the wild have pytorch_model.bin

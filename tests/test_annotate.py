@@ -207,7 +207,7 @@ def test_concurrent_saves_keep_jsonl_valid_and_lose_nothing(tmp_path):
 
 
 def test_cli_errors_without_metadata(tmp_path, capsys):
-    assert cli.main(["annotate", str(tmp_path), "--no-browser"]) == 1
+    assert cli.main(["annotate", str(tmp_path), "--no-browser"]) == 2
     assert "metadata.jsonl" in capsys.readouterr().err
 
 

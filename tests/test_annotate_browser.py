@@ -2,21 +2,15 @@
 download): open, edit a caption, Enter, navigate with the keyboard, reload, filter — checking both the page and
 metadata.jsonl on disk. `make setup` installs chromium; the test skips only when it truly cannot be had."""
 import json
-import os
-import shutil
 
 import pytest
 from PIL import Image
 
 from minidiff.annotate import serve
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
-CHROMIUM = os.environ.get("MINIDIFF_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no Chromium at {CHROMIUM}: `make setup` installs Debian's chromium (needs apt-get and root)",
-                allow_module_level=True)
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from browser import chromium_page, require_chromium  # tests/browser.py
+
+sync_api, CHROMIUM = require_chromium()
 expect = sync_api.expect
 
 
@@ -34,21 +28,13 @@ def page(tmp_path):
     (folder / "metadata.jsonl").write_text("".join(
         json.dumps({"file_name": n, "text": f"draft {n[0]}", "reviewed": False}) + "\n" for n in colours))
     server = serve(folder)
-    pw = sync_api.sync_playwright().start()
     try:
-        try:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS, timeout=60_000)
-        except Exception as e:                        # installed but unusable (no shared libs, ...): say so
-            pytest.skip(f"Chromium at {CHROMIUM} does not start: {e}")
-        pg = browser.new_page(viewport={"width": 900, "height": 800})
-        pg.set_default_timeout(15_000)
-        pg.goto(server.url)
-        expect(pg.locator("body")).to_have_attribute("data-ready", "1")
-        yield pg, folder, server
-        pg.screenshot(path=str(tmp_path / "annotate.png"))
-        browser.close()
+        with chromium_page(sync_api, CHROMIUM, {"width": 900, "height": 800}, 15_000) as pg:
+            pg.goto(server.url)
+            expect(pg.locator("body")).to_have_attribute("data-ready", "1")
+            yield pg, folder, server
+            pg.screenshot(path=str(tmp_path / "annotate.png"))
     finally:
-        pw.stop()
         server.close()
 
 

@@ -10,6 +10,7 @@ docs/promises.md quotes the counts; test_matrix_counts keeps them honest.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,15 +18,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, safe_open, save_file
 
 import minidiff
 from minidiff import CheckpointError, cli
+from minidiff.errors import InputTypeError, InputValueError
 from minidiff.checkpoint import DEFAULT_MODEL
 from minidiff.validation import NonFiniteError
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEDULER_LIST = "ddim, ddpm, dpmpp, dpmpp_karras, euler, euler_a, euler_karras, lms, lms_karras, pndm"
+SCHEDULER_LIST = re.escape(
+    "ddim, ddpm, dpm2, dpm2_a, dpm2_a_karras, dpm2_karras, dpmpp, dpmpp_karras, dpmpp_sde, dpmpp_sde_karras, euler, "
+    "euler_a, euler_karras, heun, heun_karras, lcm, lms, lms_karras, pndm, unipc, unipc_karras, or an AUTOMATIC1111 "
+    "name: Euler a, Euler, LMS, Heun, DPM2, DPM2 a, DPM++ 2M, DPM++ 2M SDE, DDIM, PLMS, UniPC, LCM (+ ' Karras' for "
+    "Euler, LMS, Heun, DPM2, DPM2 a, DPM++ 2M, DPM++ 2M SDE, UniPC)")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +48,10 @@ def run(pipe, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- generate()
+IMAGE = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))   # a start image in [0, 1]
+PIL_32, PIL_16 = Image.new("RGB", (32, 32)), Image.new("RGB", (16, 16))
+CONTEXT = torch.zeros(1, 77, 64)                                                # prompt_embeds [B, L, d]
+
 # (kwargs, exception, regex the message must match)
 GENERATE_CASES = [
     # prompt / negative_prompt
@@ -71,7 +82,10 @@ GENERATE_CASES = [
     (dict(guidance_scale=None), TypeError, r"guidance_scale must be a finite number >= 0, got None"),
     (dict(guidance_scale=torch.tensor([1.0, 2.0])), TypeError, r"guidance_scale must be a finite number"),
     # scheduler
-    (dict(scheduler="heun"), ValueError, rf"scheduler must be one of {SCHEDULER_LIST} \(any case\), got 'heun'"),
+    (dict(scheduler="dpm fast"), ValueError, rf"scheduler must be one of {SCHEDULER_LIST} \(any case\), got 'dpm "
+                                             r"fast'"),
+    (dict(scheduler="Euler a Karras"), ValueError, rf"scheduler must be one of {SCHEDULER_LIST} \(any case\), got "
+                                                   r"'Euler a Karras'"),   # diffusers' Euler a has no Karras σ's
     (dict(scheduler=""), ValueError, rf"scheduler must be one of {SCHEDULER_LIST} \(any case\), got ''"),
     (dict(scheduler=3), TypeError, rf"scheduler must be None or one of {SCHEDULER_LIST}, got 3"),
     # seed / generator
@@ -112,6 +126,68 @@ GENERATE_CASES = [
     (dict(latents=torch.zeros(1, 4, 8, 8, dtype=torch.int64)), TypeError,
      r"latents must be a floating-point tensor, got dtype torch.int64"),
     (dict(latents=[[0.0]]), TypeError, r"latents must be a torch.Tensor of shape \(1, 4, 8, 8\), got \[\[0.0\]\]"),
+    (dict(image=IMAGE, latents=torch.randn(1, 4, 4, 4)), ValueError, r"latents must have shape \(1, 4, 8, 8\)"),
+    # prompt_embeds / negative_prompt_embeds ([B, L, 64] for this model)
+    (dict(prompt_embeds=CONTEXT), ValueError, r"pass either prompt or prompt_embeds \(exactly one of them\)"),
+    (dict(prompt=None, prompt_embeds=torch.zeros(1, 77)), ValueError,
+     r"prompt_embeds must be a tensor \[B, L, 64\], got \(1, 77\)"),
+    (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 32)), ValueError,
+     r"prompt_embeds must be a tensor \[B, L, 64\], got \(1, 77, 32\)"),
+    (dict(prompt=None, prompt_embeds=[[0.0]]), TypeError,
+     r"prompt_embeds must be a tensor \[B, L, 64\], got \[\[0.0\]\]"),
+    (dict(prompt=None, prompt_embeds=CONTEXT.long()), TypeError,
+     r"prompt_embeds must be a floating-point tensor, got dtype torch.int64"),
+    (dict(prompt=None, prompt_embeds=torch.full((1, 77, 64), float("nan"))), ValueError,
+     r"prompt_embeds must be finite, got 4928 NaN/inf values"),
+    (dict(negative_prompt="x", negative_prompt_embeds=CONTEXT), ValueError,
+     r"pass either negative_prompt or negative_prompt_embeds, not both"),
+    (dict(prompt=None, prompt_embeds=CONTEXT, negative_prompt_embeds=torch.zeros(1, 154, 64)), ValueError,
+     r"prompt_embeds \(1, 77, 64\) and negative_prompt_embeds \(1, 154, 64\) must have the same shape"),
+    (dict(prompt=["a", "b"], negative_prompt_embeds=CONTEXT), ValueError,
+     r"negative_prompt_embeds has 1 rows but prompt has 2"),
+    (dict(prompt=None, prompt_embeds=torch.zeros(1, 100, 64)), ValueError,
+     r"prompt_embeds have 100 positions, but the negative_prompt strings beside them are encoded in 77-position "
+     r"chunks \(77 positions for the longest\)"),
+    (dict(prompt="a " * 100, negative_prompt_embeds=CONTEXT), ValueError,
+     r"negative_prompt_embeds have 77 positions, but the prompt strings .* \(154 positions for the longest\)"),
+    # image (image to image, inpainting)
+    (dict(image=IMAGE.numpy()), TypeError,
+     r"image must be a PIL image or a tensor \[N, 3, H, W\] in \[0, 1\], got ndarray"),
+    (dict(image=[PIL_32, 3]), TypeError,
+     r"image must be a PIL image, a list of PIL images or a tensor; got a list of \['Image', 'int'\]"),
+    (dict(image=[]), TypeError, r"image must be a PIL image, a list of PIL images or a tensor; got a list of nothing"),
+    (dict(image=[PIL_32, PIL_16]), ValueError,
+     r"image: the PIL images have different sizes \[\(16, 16\), \(32, 32\)\]"),
+    (dict(image=IMAGE * 2 - 1), ValueError,
+     r"image tensor values must lie in \[0, 1\], got \[-1.*\(convert a \[-1, 1\] image with \(x \+ 1\) / 2\)"),
+    (dict(image=torch.full((1, 3, 32, 32), float("nan"))), ValueError,
+     r"image tensor values must lie in \[0, 1\], got \[nan, nan\]"),
+    (dict(image=torch.rand(1, 4, 32, 32)), ValueError,
+     r"image tensor must have shape \[N, 3, H, W\] or \[3, H, W\], got \(1, 4, 32, 32\)"),
+    (dict(image=torch.ones(1, 3, 32, 32, dtype=torch.uint8)), TypeError,
+     r"image tensor must be floating point with values in \[0, 1\], got dtype torch.uint8"),
+    (dict(image=torch.rand(1, 3, 3, 3)), ValueError,
+     r"image is 3x3 pixels; it must be at least 4x4 \(one latent pixel\)"),
+    (dict(prompt=["a", "b"], image=torch.rand(3, 3, 32, 32)), ValueError,
+     r"image has 3 pictures but prompt has 2: give 1 \(for all\) or 2"),
+    # strength
+    (dict(image=IMAGE, strength=1.5), ValueError, r"strength must be a finite number in \[0, 1\], got 1.5"),
+    (dict(image=IMAGE, strength="0.5"), TypeError, r"strength must be a finite number in \[0, 1\], got '0.5'"),
+    (dict(strength=-0.5), ValueError, r"strength must be a finite number in \[0, 1\], got -0.5"),
+    (dict(image=IMAGE, strength=0.2), ValueError,
+     r"strength=0.2 with steps=2 leaves no step to run \(int\(steps \* strength\) = 0\); raise strength or steps"),
+    # mask_image (inpainting)
+    (dict(mask_image=torch.ones(32, 32)), ValueError, r"mask_image needs image= \(the picture to inpaint\)"),
+    (dict(image=IMAGE, mask_image=torch.ones(1, 1, 32, 16)), ValueError,
+     r"mask_image is 16x32 pixels but image is 32x32: they must have the same size"),
+    (dict(image=IMAGE, mask_image=torch.full((32, 32), 255.0)), ValueError,
+     r"mask_image values must lie in \[0, 1\] \(1 = repaint\), got \[255, 255\]"),
+    (dict(image=IMAGE, mask_image=torch.ones(1, 2, 32, 32)), ValueError,
+     r"mask_image tensor must have shape \[H, W\], \[N, H, W\] or \[N, 1, H, W\], got \(1, 2, 32, 32\)"),
+    (dict(image=IMAGE, mask_image="mask.png"), TypeError,
+     r"mask_image must be a PIL image or a tensor \[H, W\] / \[N, 1, H, W\] in \[0, 1\], got str"),
+    (dict(image=IMAGE, mask_image=torch.ones(2, 32, 32)), ValueError,
+     r"mask_image has 2 masks but image has 1 pictures"),
 ]
 
 
@@ -119,7 +195,9 @@ GENERATE_CASES = [
 def test_generate_refuses(pipe, kwargs, exc, match):
     with pytest.raises(exc, match=match) as info:
         run(pipe, **kwargs)
-    assert type(info.value) is exc  # the door's own error, not a subclass raised from deep inside
+    # the door's own error (minidiff.errors: what the commands print as one line), not a TypeError / ValueError
+    # raised from deep inside
+    assert type(info.value) is {TypeError: InputTypeError, ValueError: InputValueError}[exc]
 
 
 def test_generate_needs_a_size_when_the_config_has_none(pipe, monkeypatch):
@@ -135,6 +213,7 @@ def test_edges_that_are_allowed(pipe):
     ref = run(pipe, output="tensor")
     torch.testing.assert_close(run(pipe, scheduler="DDIM", output="tensor"), ref, rtol=0, atol=0)
     torch.testing.assert_close(run(pipe, scheduler="Ddim", output="tensor"), ref, rtol=0, atol=0)
+    torch.testing.assert_close(run(pipe, scheduler="DDIM ", output="tensor"), ref, rtol=0, atol=0)  # A1111's label
     assert run(pipe, steps=1, output="tensor").shape == (1, 3, 32, 32)
     assert run(pipe, seed=2 ** 64 - 1, output="tensor").shape == (1, 3, 32, 32)
     assert run(pipe, guidance_scale=0, output="tensor").shape == (1, 3, 32, 32)
@@ -159,7 +238,7 @@ def test_huge_guidance_raises_naming_the_step(pipe):
         run(pipe, steps=3, guidance_scale=1e38)
 
 
-@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "ddpm", "euler", "dpmpp"])
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "ddpm", "euler", "dpmpp", "heun", "dpmpp_sde", "lcm"])
 def test_nan_weights_raise_with_every_scheduler(pipe, scheduler):
     bad = minidiff.load()  # a fresh copy: the shared `pipe` must keep its weights
     with torch.no_grad():
@@ -415,4 +494,4 @@ def test_cli_help_without_torch_still_works():
 # ---------------------------------------------------------------------------------------------- the counts
 def test_matrix_counts():
     """docs/promises.md states these counts; change both together."""
-    assert (len(GENERATE_CASES), len(CONFIG_CASES), len(COMPVIS_CASES)) == (56, 43, 6)
+    assert (len(GENERATE_CASES), len(CONFIG_CASES), len(COMPVIS_CASES)) == (89, 43, 6)

@@ -78,7 +78,7 @@ def check_finetune_output(out: Path, steps: int):
     return minidiff.load(out)
 
 
-@pytest.mark.parametrize("mode", ["unet", "last-up-blocks", "lora", "textual-inversion"])
+@pytest.mark.parametrize("mode", ["unet", "last-up-blocks", "lora", "textual-inversion", "lcm-lora"])
 def test_finetune_each_mode_with_validation_then_resume(fixtures, tmp_path, mode):
     """`minidiff finetune --train MODE` with its defaults (validation on: 25 steps on 2 captions + 2 unrelated
     prompts), then `--resume --steps 3` continues the same run by one step."""
@@ -106,11 +106,39 @@ def test_finetune_each_mode_with_validation_then_resume(fixtures, tmp_path, mode
         assert a1111["name"] == "<thing>" and a1111["string_to_param"]["*"].shape == (1, d)
         assert pipe.load_embedding(out / "learned_embeds.safetensors") == ["<thing>"]
         assert pipe.generate("a picture of <thing>", steps=2, seed=0, height=16, width=16, progress=False)
+    if mode == "lcm-lora":   # the distilled model samples with LCM by itself; the LoRA alone is there too
+        assert pipe.scheduler_config["_class_name"] == "LCMScheduler" and (out / "lora.safetensors").is_file()
     if mode == "lora":   # the issue-17 command: a model that diffusers loads
         from diffusers import StableDiffusionPipeline
         theirs = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None).unet.state_dict()
         for k, v in pipe.unet.state_dict().items():
             assert torch.equal(theirs[k], v), k
+
+
+def test_finetune_lora_preset_on_the_embedded_model(tmp_path, preset="full"):
+    """`minidiff finetune --train lora --lora-preset full --lora-text-encoder --lora-export separate` on the embedded
+    model (no --model) with the other flags at their defaults, validation on; then `--resume` one step more. Both LoRA
+    files name the layers of the preset; the model folder is the base with that LoRA merged. (Every preset, in
+    process: tests/test_finetune_lora.py.)"""
+    from minidiff.data.shapes import make_concept_dataset
+    from minidiff.lora import LORA_PRESETS, apply_lora
+    data = make_concept_dataset(tmp_path / "data", concept="cross", n=8, seed=0)
+    out = tmp_path / "out"
+    args = ["finetune", "--data", str(data), "--output", str(out), "--train", "lora", "--lora-preset", preset,
+            "--lora-text-encoder", "--lora-export", "separate", "--batch-size", "2"]
+    minidiff_cli(*args, "--steps", "1")
+    minidiff_cli(*args, "--steps", "2", "--resume")
+    pipe = check_finetune_output(out, 2)
+    kohya = load_file(str(out / "lora_kohya.safetensors"))
+    leaves = {k.split(".")[0] for k in kohya}
+    for target in LORA_PRESETS[preset].unet:           # e.g. lora_unet_..._resnets_0_time_emb_proj for "full"
+        assert any(name.startswith("lora_unet_") and name.endswith("_" + target.replace(".", "_")) for name in leaves)
+    assert any(name.startswith("lora_te_") for name in leaves)
+    for name in ("lora.safetensors", "lora_kohya.safetensors"):
+        applied = apply_lora(minidiff.load(), out / name)
+        for net in ("unet", "text_encoder"):
+            for k, v in getattr(pipe, net).state_dict().items():
+                torch.testing.assert_close(getattr(applied, net).state_dict()[k], v, rtol=0, atol=1e-6)
 
 
 def test_compare_base_and_tuned(fixtures, tmp_path):

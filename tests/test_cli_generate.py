@@ -5,13 +5,32 @@ import pytest
 from PIL import Image
 
 import minidiff
+from minidiff import commands
 from minidiff.cli import main
-from minidiff.commands import generate as cmd
 from minidiff.schedulers import SCHEDULER_NAMES
 
 
 def test_scheduler_choices_are_the_library_names():
-    assert list(cmd.SCHEDULERS) == SCHEDULER_NAMES
+    assert list(commands.SCHEDULERS) == SCHEDULER_NAMES
+
+
+def test_cli_takes_a1111_sampler_names(tmp_path):
+    """--scheduler "DPM++ 2M Karras" (any case) draws what scheduler="dpmpp_karras" draws; an unknown name is a
+    usage error listing the names, before any model is loaded."""
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle", "--steps", "3", "--seed", "0", "--scheduler", "dpm++ 2m KARRAS",
+                 "--upscale", "1", "--out", str(out)]) == 0
+    expected = minidiff.load().generate("a red circle", steps=3, seed=0, scheduler="dpmpp_karras", progress=False)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+
+
+def test_cli_unknown_sampler_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "x", "--scheduler", "DPM fast"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --scheduler: unknown sampler 'DPM fast'; choose one of ddim, ddpm, dpm2," in err
+    assert "or an AUTOMATIC1111 name: Euler a, Euler, LMS, Heun" in err
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +61,15 @@ def test_cli_image_arguments(pictures, tmp_path, mask):
     assert np.array_equal(np.asarray(written), np.asarray(expected))
 
 
-def test_cli_mask_needs_image(tmp_path, pictures):
-    with pytest.raises(SystemExit, match="--mask needs --image"):
-        main(["generate", "x", "--mask", str(pictures / "mask.png"), "--out", str(tmp_path / "o.png")])
+def test_cli_mask_needs_image(tmp_path, pictures, capsys):
+    assert main(["generate", "x", "--mask", str(pictures / "mask.png"), "--out", str(tmp_path / "o.png")]) == 2
+    assert capsys.readouterr().err == "minidiff generate: error: --mask needs --image (the picture to inpaint)\n"
 
 
-def test_cli_unreadable_image(tmp_path):
+def test_cli_unreadable_image(tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_text("not a picture")
-    with pytest.raises(SystemExit, match="--image .*bad.png: cannot read it as an image"):
-        main(["generate", "x", "--image", str(bad), "--out", str(tmp_path / "o.png")])
+    assert main(["generate", "x", "--image", str(bad), "--out", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"minidiff generate: error: --image {bad}: cannot read it as an image")
+    assert not (tmp_path / "o.png").exists()

@@ -74,6 +74,23 @@ def test_compare_cells_are_each_models_own_images(tmp_path):
     assert not np.array_equal(np.asarray(grid_cell(grid, 0, 0)), np.asarray(grid_cell(grid, 0, 1)))
 
 
+def test_compare_takes_loaded_models(tmp_path):
+    """The docstring's promise: base and tuned may be loaded StableDiffusion objects (notebook 13 passes them); the
+    door checks paths only where a path is given, and a loaded model's cells are its own images."""
+    base_dir, tuned_dir = write_tiny_model(tmp_path / "base", seed=0), write_tiny_model(tmp_path / "tuned", seed=1)
+    base, tuned = minidiff.load(base_dir), minidiff.load(tuned_dir)
+    kw = dict(steps=2, guidance=5.0, scheduler="ddim", progress=False)
+    from_objects = compare(base, tuned, ["A toucan"], [0], **kw)
+    from_paths = compare(str(base_dir), str(tuned_dir), ["A toucan"], [0], **kw)
+    mixed = compare(base, str(tuned_dir), ["A toucan"], [0], **kw)
+    assert np.array_equal(np.asarray(from_objects), np.asarray(from_paths))
+    assert np.array_equal(np.asarray(mixed), np.asarray(from_paths))
+    with pytest.raises(ValueError, match="tuned"):                 # a bad path beside a loaded model still fails
+        compare(base, str(tmp_path / "missing"), ["A toucan"], [0], **kw)
+    with pytest.raises(TypeError, match="base"):                   # neither a path nor a model
+        compare(3.5, tuned, ["A toucan"], [0], **kw)
+
+
 def test_cli_writes_the_grid(tmp_path):
     from minidiff.cli import main
     base_dir, tuned_dir = write_tiny_model(tmp_path / "base", seed=0), write_tiny_model(tmp_path / "tuned", seed=1)

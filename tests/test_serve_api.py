@@ -272,7 +272,7 @@ BAD = [
     ("txt2img", {"seed": -5}, "seed must be an int in [0,"),
     ("txt2img", {"width": 30}, "width must be a positive multiple of 4"),
     ("txt2img", {"width": 4096, "height": 4096}, "width x height must be at most 4194304 pixels"),
-    ("txt2img", {"sampler_name": "UniPC"}, "sampler_name 'UniPC' is not a sampler minidiff has"),
+    ("txt2img", {"sampler_name": "DPM++ 3M SDE"}, "sampler_name: unknown sampler 'DPM++ 3M SDE'"),
     ("txt2img", {"scheduler": "Exponential"}, "scheduler must be one of Automatic, Karras"),
     ("txt2img", {"batch_size": 0}, "batch_size must be an int >= 1"),
     ("txt2img", {"batch_size": 20, "n_iter": 20}, "batch_size x n_iter must be at most 100"),

@@ -5,8 +5,6 @@ AUTOMATIC1111 infotext and see the fields filled — and the page never asks any
 import base64
 import io
 import json
-import os
-import shutil
 import socket
 import threading
 import time
@@ -15,14 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+from browser import chromium_page, require_chromium  # tests/browser.py
+
+sync_api, CHROMIUM = require_chromium()
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install -e '.[test]')")
-CHROMIUM = os.environ.get("MINIDIFF_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no Chromium at {CHROMIUM}: `make setup` installs Debian's chromium (needs apt-get and root)",
-                allow_module_level=True)
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 expect = sync_api.expect
 
 from minidiff import infotext  # noqa: E402
@@ -55,25 +49,15 @@ def server():
 @pytest.fixture
 def page(server, tmp_path):
     url, state = server
-    pw = sync_api.sync_playwright().start()
-    try:
-        try:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS, timeout=60_000)
-        except Exception as e:                        # installed but unusable (no shared libs, ...): say so
-            pytest.skip(f"Chromium at {CHROMIUM} does not start: {e}")
-        pg = browser.new_page(viewport={"width": 1300, "height": 1100})
-        pg.set_default_timeout(30_000)
+    with chromium_page(sync_api, CHROMIUM, {"width": 1300, "height": 1100}, 30_000) as pg:
         requests = []
         pg.on("request", lambda r: requests.append(r))
         pg.goto(url + "/")
         expect(pg.locator("body")).to_have_attribute("data-ready", "1")
         yield pg, url, requests
         pg.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
-        browser.close()
-        foreign = [r.url for r in requests if not r.url.startswith((url + "/", "data:", "blob:"))]
-        assert foreign == [], foreign                  # nothing but this server, ever
-    finally:
-        pw.stop()
+    foreign = [r.url for r in requests if not r.url.startswith((url + "/", "data:", "blob:"))]
+    assert foreign == [], foreign                      # nothing but this server, ever
 
 
 def events(pg):

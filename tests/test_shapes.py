@@ -236,3 +236,56 @@ def test_samples_grid_puts_each_prompt_on_a_row_and_each_seed_in_a_column():
         assert judge(cell, spec["colour"], spec["shape"])["correct"], spec     # the asked shape, where it belongs
         assert np.array_equal(np.asarray(cell)[::2, ::2], render_shape(**spec))  # exactly the image, twice as big
     assert (np.asarray(grid)[g["y0"]:, :g["x0"] - g["pad"]] < 128).any()       # the prompts written left of the rows
+
+
+def test_a_stochastic_sampler_judges_the_same_images_on_every_call():
+    """LCM draws noise between steps: evaluate() draws it from its own generators, not the global RNG, so the same
+    call gives the same images (and numbers) whatever ran before it."""
+    import torch
+
+    import minidiff
+    from minidiff.shapes_eval import evaluate
+    pipe, kw = minidiff.load(), dict(pairs=[("red", "circle"), ("blue", "square")], seeds=range(2), steps=2,
+                                     scheduler="lcm", guidance_scale=1.0)
+    torch.manual_seed(0)
+    first = evaluate(pipe, **kw)["images"]
+    torch.manual_seed(1)
+    assert torch.equal(evaluate(pipe, **kw)["images"], first)
+# ------------------------------------------------------------------------------------------------ concept adherence
+class Painter:
+    """A stand-in for a model: draws, for each prompt "a {colour} {word}", the (colour, shape) that draw(colour, word)
+    returns — a model whose behaviour the test knows."""
+
+    def __init__(self, draw):
+        from types import SimpleNamespace
+        self.draw = draw
+        self.unet = SimpleNamespace(config=SimpleNamespace(in_channels=4, sample_size=8))
+        self.prompts = []
+
+    def generate(self, prompts, latents=None, output="tensor", **kw):
+        import torch
+        assert output == "tensor" and len(latents) == len(prompts)
+        self.prompts += prompts
+        images = [render_shape(*self.draw(*p.split()[1:]), 16, 8, 8) for p in prompts]
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 255.0      # [N, 3, 32, 32] in [0, 1]
+
+
+def test_concept_adherence_counts_the_taught_the_held_out_and_the_old_prompts():
+    from minidiff.data.shapes import CONCEPT_COLOURS
+    from minidiff.shapes_eval import concept_adherence
+    base = Painter(lambda colour, word: (colour, "square" if word == "cross" else word))   # never a cross
+    r = concept_adherence(base, seeds=2)
+    assert (r["concept"], r["held_out_colour"], r["original"], r["concept_shape"]) == (0.0, 0.0, 1.0, 0.0)
+    assert sorted(set(base.prompts)) == sorted({caption(c, "cross") for c in (*CONCEPT_COLOURS, "green")}
+                                               | {caption(*p) for p in TRAIN_PAIRS})
+    assert len(base.prompts) == 2 * (len(CONCEPT_COLOURS) + 1 + len(TRAIN_PAIRS))      # seeds=2 is two seeds each
+    # taught in five colours but not in green, and every old shape now drawn as a circle: 5 of 15 pairs still right
+    tuned = Painter(lambda colour, word: (colour, "cross") if word == "cross" and colour != "green"
+                    else (colour, "square") if word == "cross" else (colour, "circle"))
+    r = concept_adherence(tuned, seeds=[7])
+    assert (r["concept"], r["held_out_colour"], r["original"]) == (1.0, 0.0, pytest.approx(5 / 15))
+    # a textual-inversion placeholder replaces the concept's word in its prompts only
+    ti = Painter(lambda colour, word: (colour, "cross" if word == "<cross>" else word))
+    r = concept_adherence(ti, seeds=1, words={"cross": "<cross>"})
+    assert (r["concept"], r["held_out_colour"], r["original"]) == (1.0, 1.0, 1.0)
+    assert {p.split()[-1] for p in ti.prompts} == {"<cross>", "circle", "square", "triangle"}

@@ -22,9 +22,9 @@ def test_a_sample_is_a_function_of_its_position(tiny):
     forward = [first[p] for p in where]
     backward = [second[p] for p in reversed(where)][::-1]    # read in another order, by another stream
     for a, b in zip(forward, backward):
-        assert a.keys() == b.keys() == {"pixel_values", "text", "posterior_eps", "noise", "offset", "t"}
+        assert a.keys() == b.keys() == {"pixel_values", "text", "posterior_eps", "noise", "offset", "t", "guidance_u"}
         assert a["text"] == b["text"]
-        for key in ("pixel_values", "posterior_eps", "noise", "offset", "t"):
+        for key in ("pixel_values", "posterior_eps", "noise", "offset", "t", "guidance_u"):
             assert torch.equal(a[key], b[key]), key
     assert not torch.equal(forward[0]["noise"], forward[1]["noise"])
     other = SampleStream(dataset, 1000, (4, 8, 8), **{**kw, "seed": 1})

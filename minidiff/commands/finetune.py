@@ -1,18 +1,22 @@
-"""`minidiff finetune --data DIR --output OUT [--model M] [--train unet|last-up-blocks|lora|textual-inversion] ...`:
-the command line of minidiff.train (see docs/finetuning.md). Every flag is a FinetuneConfig field with '_' written '-'."""
+"""`minidiff finetune --data DIR --output OUT [--train unet|last-up-blocks|lora|textual-inversion|lcm-lora] ...`:
+the command line of minidiff.train (see docs/finetuning.md). Every flag is a FinetuneConfig field with '_' written '-'.
+
+Bad input: the flags become a FinetuneConfig, whose door (FINETUNE_FIELDS, FINETUNE_RULES) refuses what the API
+refuses, with the same message; train() looks at the paths, the device and a --resume's checkpoint before any work.
+minidiff/cli.py prints the error as one line."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-import sys
 
+from ..lora import LORA_PRESETS
+from ..train.consistency import LCM_LOSSES
 from ..train.finetune import PRECISIONS, PRESETS, FinetuneConfig, train
-from ..train.loop import TrainingDiverged
 from ..train.optim import LR_SCHEDULES
 from ..train.reports import REPORT_TO
 from ..train.trainable import TRAIN_MODES
-from . import SCHEDULERS
+from . import SCHEDULER_HELP, read_prompt_file, scheduler_name, seed_list
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,19 +45,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt("--num-workers", type=int, help="DataLoader processes that load and augment images")
     g = parser.add_argument_group("what trains")
     opt("--train", choices=TRAIN_MODES,
-        help="the whole U-Net, its last N up-blocks, LoRA adapters, or a new word (textual inversion)")
+        help="the whole U-Net, its last N up-blocks, LoRA adapters, a new word (textual inversion), or a LoRA "
+             "distilled for 1-8 step LCM sampling (lcm-lora)")
     opt("--up-blocks", type=int, help="with --train last-up-blocks: N, counted from the output end")
-    opt("--lora-rank", type=int, help="with --train lora: the rank r")
+    opt("--lora-preset", choices=tuple(LORA_PRESETS),
+        help="with --train lora: where LoRA goes (LyCORIS' presets): attn-only = the attention projections; "
+             "attn-mlp = + the transformers' feed-forward and proj_in/proj_out; full = + the ResNet convolutions, "
+             "time_emb_proj, the down/up-samplers, conv_in/conv_out and the time embedding (LoCon)")
+    opt("--lora-rank", type=int, help="with --train lora: the rank r of every Linear and 1×1 conv")
     opt("--lora-alpha", type=float, help="with --train lora: α in ΔW = α/r · B A; none: α = r")
+    opt("--lora-conv-rank", type=int,
+        help="with --lora-preset full: the rank of the k×k convolutions (kohya's conv_dim); none: --lora-rank")
+    opt("--lora-conv-alpha", type=float,
+        help="with --lora-preset full: their α (kohya's conv_alpha); none: --lora-alpha")
     opt("--lora-export", choices=("merge", "separate"),
-        help="merge: LoRA folded into OUT's weights; separate: the same, plus OUT/lora.safetensors for "
-             "minidiff.lora.apply_lora on the base model")
+        help="merge: LoRA folded into OUT's weights; separate: the same, plus the LoRA alone for the base model: "
+             "OUT/lora.safetensors (diffusers/PEFT: load_lora_weights, minidiff.lora.apply_lora) and "
+             "OUT/lora_kohya.safetensors (kohya: AUTOMATIC1111, ComfyUI)")
     opt("--lora-text-encoder", action=argparse.BooleanOptionalAction,
-        help="with --train lora: LoRA on the text encoder's q/k/v/out projections too")
+        help="with --train lora: LoRA on the text encoder too (its attention projections, and its MLP but for "
+             "--lora-preset attn-only)")
     opt("--placeholder-token", help="with --train textual-inversion: the new word, e.g. '<pika>' (not yet a word "
                                     "of the vocabulary); write it into the captions")
     opt("--initializer-token", help="with --train textual-inversion: one existing word the new one starts from")
     opt("--num-vectors", type=int, help="with --train textual-inversion: vectors the new word stands for")
+    g = parser.add_argument_group("latent consistency distillation (--train lcm-lora; docs/few_steps.md)")
+    opt("--lcm-skip", type=int, help="k: the teacher's DDIM step from t to t − k, in training timesteps; the "
+                                     "sampler's grid has T/k points (LCMScheduler's original_inference_steps)")
+    opt("--lcm-guidance-min", type=float, help="the teacher's guidance scale s ~ U[min, max], as generate's "
+                                               "guidance_scale (LCM's ω = s − 1)")
+    opt("--lcm-guidance-max", type=float, help="... its upper end (= min: a fixed guidance)")
+    opt("--lcm-loss", choices=LCM_LOSSES, help="the consistency distance: pseudo-Huber or squared error")
+    opt("--lcm-huber-c", type=float, help="c of the pseudo-Huber distance √(d² + c²) − c")
+    opt("--lcm-ema-decay", type=float, help="μ of the target network θ⁻ ← μθ⁻ + (1 − μ)θ, the EMA of the LoRA that "
+                                            "is also exported (0: the student itself)")
     g = parser.add_argument_group("loss")
     opt("--min-snr-gamma", type=float, help="min-SNR-γ loss weighting (Hang et al. 2023; 5 is usual)")
     opt("--noise-offset", type=float, help="noise offset strength (0.05-0.1 is usual)")
@@ -91,11 +116,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt("--keep-last", type=int, help="M: checkpoints kept")
     g.add_argument("--validation-prompts", default=S, metavar="FILE",
                    help="one prompt per line (default: 2 dataset captions + 'A toucan', 'A horse')")
-    g.add_argument("--validation-seeds", default=S, help="comma-separated seeds (default: 0)")
+    g.add_argument("--validation-seeds", default=S, type=seed_list, help="comma-separated seeds (default: 0)")
     opt("--validation-steps", type=int, help="sampler steps of the validation images (0 = no validation)")
     opt("--validation-guidance", type=float, help="guidance scale of the validation images")
-    opt("--validation-scheduler", type=str.lower, choices=SCHEDULERS, metavar="NAME",
-        help="validation sampler (none: the model's own, PNDM for SD v1)")
+    opt("--validation-scheduler", type=scheduler_name, metavar="NAME",
+        help=f"validation sampler, {SCHEDULER_HELP} (none: the model's own, PNDM for SD v1)")
     opt("--resume", action="store_true", help="continue from the last checkpoint in --output up to --steps")
     opt("--export-compvis", action="store_true", help="also write OUT/model.safetensors in the CompVis layout")
     opt("--max-steps-this-run", type=int,
@@ -111,10 +136,7 @@ def _show(v):
 def config_from_args(args) -> FinetuneConfig:
     given = {k: v for k, v in vars(args).items() if k != "preset"}
     if "validation_prompts" in given:
-        from ..compare import read_prompts
-        given["validation_prompts"] = read_prompts(given["validation_prompts"])
-    if "validation_seeds" in given:
-        given["validation_seeds"] = tuple(int(s) for s in str(given["validation_seeds"]).split(",") if s.strip())
+        given["validation_prompts"] = read_prompt_file(given["validation_prompts"], "--validation-prompts")
     if given.get("max_grad_norm") == 0:
         given["max_grad_norm"] = None
     base = PRESETS[args.preset] if getattr(args, "preset", None) else {}
@@ -122,12 +144,7 @@ def config_from_args(args) -> FinetuneConfig:
 
 
 def run(args) -> int:
-    cfg = config_from_args(args)
-    try:
-        result = train(cfg)
-    except TrainingDiverged as e:
-        print(f"minidiff finetune: training diverged at {e}", file=sys.stderr)
-        return 1
+    result = train(config_from_args(args))
     if result["finished"] and int(os.environ.get("RANK", "0")) == 0:
         print(f"fine-tuned model written to {result['output']} (step {result['step']}, last loss "
               f"{result['loss']:.4f})")

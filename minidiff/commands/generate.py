@@ -5,12 +5,34 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from pathlib import Path
 
-from . import SCHEDULERS
+from ..settings import Device, Existing, File, Int, Output
+from . import SCHEDULER_HELP, check_flags, load_model, scheduler_name
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# generate()'s arguments whose flag has another name (minidiff/cli.py names the flag in an error about them)
+FLAGS = {"guidance_scale": "--guidance", "mask_image": "--mask"}
+# the flags checked here, before the model loads; generate()'s own door (minidiff.validation) checks the rest
+FLAGS_FIELDS = {
+    "model": Existing(what="a diffusers folder or a CompVis .ckpt/.safetensors file", optional=True),
+    "out": Output("file"),
+    "image": File(what="an image file", optional=True),
+    "mask": File(what="an image file (white = repaint)", optional=True),
+    "attention_maps": Output("file", optional=True),
+    "upscale": Int(0),
+    "device": Device(),
+}
+
+
+def _mask_needs_image(args):
+    if args.mask and not args.image:
+        return "--mask needs --image (the picture to inpaint)"
+
+
+def _maps_draw_one_image(args):
+    if args.attention_maps and args.num_images != 1:
+        return "--attention-maps maps one image: leave --num-images at 1"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,9 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--scheduler", default=None, type=str.lower, choices=SCHEDULERS, metavar="NAME",
-                   help=f"one of {', '.join(SCHEDULERS)} (any case); default: the model's own (pndm for SD v1.4, "
-                        "ddim for the embedded model)")
+    p.add_argument("--scheduler", default=None, type=scheduler_name, metavar="NAME",
+                   help=f"the sampler: {SCHEDULER_HELP}; default: the model's own (pndm for SD v1.4, ddim for the "
+                        "embedded model)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--height", type=int, default=None)
@@ -52,43 +74,35 @@ def run(args) -> int:
     import torch
     from PIL import Image
 
-    import minidiff
     from minidiff import infotext
+    from minidiff.errors import InputValueError
     from minidiff.files import atomic_write
 
-    from minidiff.validation import NonFiniteError
-
-    if args.mask and not args.image:
-        raise SystemExit("minidiff generate: --mask needs --image (the picture to inpaint)")
+    check_flags(args, FLAGS_FIELDS, [_mask_needs_image, _maps_draw_one_image])
     pictures = {}
-    for flag, path in (("image", args.image), ("mask_image", args.mask)):
+    for field, flag, path in (("image", "--image", args.image), ("mask_image", "--mask", args.mask)):
         if path:
             try:
-                pictures[flag] = Image.open(path)
-                pictures[flag].load()
-            except (OSError, ValueError) as e:
-                raise SystemExit(f"minidiff generate: --{'mask' if flag == 'mask_image' else 'image'} {path}: "
-                                 f"cannot read it as an image ({e})") from None
+                pictures[field] = Image.open(path)
+                pictures[field].load()
+            except (OSError, ValueError, SyntaxError) as e:   # what PIL raises for a file that is not an image
+                raise InputValueError(f"{flag} {path}: cannot read it as an image ({e})", field=field) from None
     if pictures:
         pictures["strength"] = args.strength
-    if args.attention_maps and args.num_images != 1:
-        raise SystemExit("minidiff generate: --attention-maps maps one image: leave --num-images at 1")
     if args.seed is None:   # drawn here, not inside generate(), so the PNG's infotext can say which seed it was
         args.seed = random.randrange(2 ** 32)
-    try:  # bad input (a CheckpointError is a ValueError too) and NaN sampling: one clear line, no traceback
-        pipe = minidiff.load(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
-                             compile=args.compile, ema=args.ema)
-        kwargs = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
-                      scheduler=args.scheduler, seed=args.seed, height=args.height, width=args.width, **pictures)
-        if args.attention_maps:   # the same picture generate() gives, recorded on the way
-            from minidiff.explain import attention_maps
-            maps = attention_maps(pipe, args.prompt, **kwargs)
-            images = [maps.image]
-        else:
-            images = pipe.generate(args.prompt, num_images=args.num_images, **kwargs)
-    except (ValueError, NonFiniteError) as e:
-        print(f"minidiff generate: error: {e}", file=sys.stderr)
-        return 2
+    # bad input to generate() (minidiff.validation) and NaN while sampling raise minidiff's own errors, which
+    # minidiff/cli.py prints as one line naming the flag
+    pipe = load_model(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]), compile=args.compile,
+                      ema=args.ema)
+    kwargs = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
+                  scheduler=args.scheduler, seed=args.seed, height=args.height, width=args.width, **pictures)
+    if args.attention_maps:   # the same picture generate() gives, recorded on the way
+        from minidiff.explain import attention_maps
+        maps = attention_maps(pipe, args.prompt, **kwargs)
+        images = [maps.image]
+    else:
+        images = pipe.generate(args.prompt, num_images=args.num_images, **kwargs)
     texts = infotexts(args, pipe, images)
     for image, path, text in zip(images, output_paths(args.out, len(images)), texts):
         k = args.upscale or max(1, -(-256 // max(image.size)))  # ceil(256 / side)
@@ -108,13 +122,12 @@ def infotexts(args, pipe, images) -> list[str]:
     """AUTOMATIC1111's `parameters` text of each image (minidiff.infotext), written into the PNG: the settings that
     make it again, the size the model drew (before --upscale)."""
     from minidiff import infotext
-    from minidiff.schedulers import scheduler_name
-    from minidiff.serve.a1111 import a1111_name
+    from minidiff.schedulers import a1111_label, scheduler_name
     from minidiff.checkpoint import DEFAULT_MODEL
 
     model = Path(args.model) if args.model else DEFAULT_MODEL
     sha = infotext.model_hash(model)
-    sampler = a1111_name((args.scheduler or scheduler_name(pipe.scheduler_config)).lower())
+    sampler = a1111_label(args.scheduler or scheduler_name(pipe.scheduler_config))
     n = len(images)
     return [infotext.format(args.prompt, args.negative or "", steps=args.steps, sampler_name=sampler,
                             cfg_scale=args.guidance, seed=args.seed, width=image.width, height=image.height,

@@ -1,10 +1,17 @@
 """`minidiff serve`: the web page and AUTOMATIC1111's /sdapi/v1 API on 127.0.0.1:7860 (minidiff.serve)."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
-import sys
+
+from ..errors import SetupError
+from ..settings import Device, Existing, File, Host, Port, check_on_this_machine
+from . import check_flags, load_model
 
 EXTRA = "pip install 'minidiff[serve]'   (starlette and uvicorn)"
+FLAGS_FIELDS = {"host": Host(), "port": Port(), "device": Device()}
+MODEL = {"model": Existing(what="a diffusers folder or a CompVis .ckpt/.safetensors file")}
+EMBEDDING = {"embedding": File(what="an embedding file (.safetensors, .pt, .bin)")}
 
 
 def add_arguments(p) -> None:
@@ -25,21 +32,22 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"minidiff serve: error: {' and '.join(missing)} not installed; install the serve extra: {EXTRA}",
-              file=sys.stderr)
-        return 2
+        raise SetupError(f"{' and '.join(missing)} not installed; install the serve extra: {EXTRA}")
+    check_flags(args, FLAGS_FIELDS)
+    for path in args.model or []:                       # repeatable flags: each path by the same row
+        check_on_this_machine(argparse.Namespace(model=path), MODEL)
+    for path in args.embedding:
+        check_on_this_machine(argparse.Namespace(embedding=path), EMBEDDING)
     import uvicorn
 
     from ..serve.app import create_app
 
     host = "0.0.0.0" if args.listen else args.host
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
-    try:
-        app = create_app(models=args.model or [None], embeddings=args.embedding, device=args.device,
-                         auth=args.api_auth, loopback_only=loopback)
-    except (ValueError, OSError) as e:               # a bad --model / --api-auth / --embedding: one line
-        print(f"minidiff serve: error: {e}", file=sys.stderr)
-        return 2
+    # a --model that is not a model, an --embedding that is not one, a bad --api-auth: minidiff's own errors, which
+    # minidiff/cli.py prints as one line
+    app = create_app(models=args.model or [None], embeddings=args.embedding, device=args.device,
+                     auth=args.api_auth, loopback_only=loopback, loader=load_model)
     shown = "127.0.0.1" if host == "0.0.0.0" else host
     print(f"minidiff serve: http://{shown}:{args.port}/  (API: /sdapi/v1/..., "
           f"{'auth on' if args.api_auth else 'no auth'}) — Ctrl+C to stop", flush=True)

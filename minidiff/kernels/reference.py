@@ -1,6 +1,6 @@
 """The reference kernels: each hot operation written as the plain PyTorch expression a chapter teaches.
 
-These define WHAT every other implementation (oneDNN on the CPU, Triton on CUDA) must compute; tests/test_speed.py and
+These define WHAT every other implementation (oneDNN on the CPU, Triton on CUDA) must compute; tests/test_kernels.py and
 tests/test_triton_kernels.py hold the others to them. They run wherever the fast ones do not apply (training on the
 CPU, fp16 on the CPU, any device without Triton) and everywhere under `kernels.use("reference")`.
 """

@@ -262,5 +262,6 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = Linear(dim, dim)
 
     def forward(self, t, dtype=None):
-        emb = timestep_embedding(t, self.in_dim, self.flip, self.shift).to(dtype or self.linear_1.weight.dtype)
+        # the parameters' dtype (not linear_1.weight's: a LoRA-wrapped linear_1 has no weight of its own)
+        emb = timestep_embedding(t, self.in_dim, self.flip, self.shift).to(dtype or next(self.parameters()).dtype)
         return self.linear_2(F.silu(self.linear_1(emb)))

@@ -52,7 +52,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import InputValueError
 from ..files import atomic_write
+from ..settings import (SEED_MAX, Bools, Int, Ints, Output, Real, check_on_this_machine, check_settings)
 from ..train import loop
 from ..train.data import generator
 from ..train.objective import diffusion_loss
@@ -105,6 +107,7 @@ class Recipe:
     eval_steps: int = 20
 
     def __post_init__(self):
+        check_settings(self, RECIPE_FIELDS, RECIPE_RULES)        # the door (minidiff.settings), before any work
         for k in ("vae_channels", "unet_channels", "unet_cross"):
             setattr(self, k, tuple(getattr(self, k)))
 
@@ -131,6 +134,45 @@ class Recipe:
                           cross_attention=self.unet_cross, heads=self.unet_heads, cross_attention_dim=self.text_width,
                           norm_num_groups=self.unet_groups, sample_size=8)
         return vae, text, image, unet
+
+
+# The door's table of the recipe (minidiff.settings): one row per field. No flag sets them (`minidiff train-tiny` has
+# --quick), so the messages name the field alone. The networks' own rules (widths that split into GroupNorm groups
+# and heads) are the config classes'; _networks_build runs them.
+_NO_FLAG = dict(flag="")
+RECIPE_FIELDS = {
+    "seed": Int(0, SEED_MAX, **_NO_FLAG), "n_train": Int(1, **_NO_FLAG),
+    "vae_channels": Ints(1, **_NO_FLAG), "vae_layers": Int(1, **_NO_FLAG), "vae_groups": Int(1, **_NO_FLAG),
+    "kl_weight": Real(0, **_NO_FLAG), "vae_steps": Int(1, **_NO_FLAG), "vae_batch": Int(1, **_NO_FLAG),
+    "vae_lr": Real(gt=0, **_NO_FLAG),
+    "text_width": Int(1, **_NO_FLAG), "text_layers": Int(1, **_NO_FLAG), "text_heads": Int(1, **_NO_FLAG),
+    "image_patch": Int(1, **_NO_FLAG), "image_width": Int(1, **_NO_FLAG), "image_layers": Int(1, **_NO_FLAG),
+    "clip_embed": Int(1, **_NO_FLAG), "clip_steps": Int(1, **_NO_FLAG), "clip_batch": Int(1, **_NO_FLAG),
+    "clip_lr": Real(gt=0, **_NO_FLAG),
+    "unet_channels": Ints(1, **_NO_FLAG), "unet_layers": Int(1, **_NO_FLAG), "unet_cross": Bools(**_NO_FLAG),
+    "unet_heads": Int(1, **_NO_FLAG), "unet_groups": Int(1, **_NO_FLAG), "unet_steps": Int(1, **_NO_FLAG),
+    "unet_batch": Int(1, **_NO_FLAG), "unet_lr": Real(gt=0, **_NO_FLAG),
+    "caption_dropout": Real(0, 1, **_NO_FLAG), "ema_decay": Real(0, lt=1, **_NO_FLAG), "warmup": Int(0, **_NO_FLAG),
+    "eval_seeds": Int(1, **_NO_FLAG), "eval_steps": Int(1, **_NO_FLAG),
+}
+
+
+def _networks_build(r):
+    """The four networks' configs accept these widths (GroupNorm groups, heads, patches: the config classes' rules)."""
+    if 32 % r.image_patch:
+        return f"image_patch must divide the 32-pixel images, got {r.image_patch}"
+    if r.text_width % r.text_heads:
+        return f"text_width {r.text_width} does not split into text_heads={r.text_heads} heads"
+    try:
+        r.configs()
+    except (ValueError, TypeError) as e:                # the config dataclasses' own refusals
+        return f"the recipe's networks cannot be built: {e}"
+
+
+RECIPE_RULES = [_networks_build]
+# train()'s paths (the flags of `minidiff train-tiny`)
+TRAIN_FIELDS = {"out": Output("folder"), "work": Output("folder", optional=True),
+                "data": Output("folder", optional=True)}
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -361,8 +403,7 @@ def train_unet(recipe: Recipe, latents: dict, captions, text_encoder, tokenizer,
     c = the frozen text tower's last hidden state [B, 77, d] of the caption, or of "" for 10% of the batch.
     -> (the U-Net to ship: the EMA weights when ema_decay > 0, metrics)."""
     from ..ema import EMA
-    from ..pipeline import SD_V1_SCHEDULER
-    from ..schedulers import make_scheduler
+    from ..schedulers import SD_V1_CONFIG, make_scheduler
     from ..unet import UNet
     unet_cfg = recipe.configs()[3]
     torch.manual_seed(recipe.seed + 2)
@@ -382,7 +423,7 @@ def train_unet(recipe: Recipe, latents: dict, captions, text_encoder, tokenizer,
         if ema is not None:
             ema.load_state_dict(done["ema"])
         return shipped(), done["metrics"], done
-    sched = make_scheduler("ddpm", SD_V1_SCHEDULER)
+    sched = make_scheduler("ddpm", SD_V1_CONFIG)
     unique = sorted(set(captions))
     with torch.no_grad():                                           # frozen: one context per distinct caption
         context = text_encoder(tokenizer(unique + [""]))           # [U + 1, 77, d]; the last row is ""
@@ -417,8 +458,14 @@ def train(out, recipe: Recipe | None = None, work=None, data=None, resume: bool 
     """Run the recipe into `out` (a diffusers folder + MODEL_CARD.md + metrics.json + samples.png).
     -> the report dict (metrics and seconds per stage). stop_after: a stage name, to stop early (resume later)."""
     from ..clip import CLIPTextTransformer
-    from ..pipeline import SD_V1_SCHEDULER, StableDiffusion
+    from ..pipeline import StableDiffusion
+    from ..schedulers import SD_V1_CONFIG
     from ..tokenizer import CLIPTokenizer
+    from types import SimpleNamespace
+    check_on_this_machine(SimpleNamespace(out=out, work=work, data=data), TRAIN_FIELDS)   # before any folder is made
+    if stop_after is not None and stop_after not in STAGES:
+        raise InputValueError(f"stop_after must be one of {STAGES}, got {stop_after!r} (--stop-after)",
+                              field="stop_after")
     recipe = recipe or Recipe()
     out = Path(out)
     work = Path(work) if work else out.with_name(out.name + ".work")
@@ -470,7 +517,7 @@ def train(out, recipe: Recipe | None = None, work=None, data=None, resume: bool 
     # SD v1's noise schedule, but DDIM as the model's own sampler: PLMS (SD's PNDM) extrapolates from the last four
     # ε predictions, and this small U-Net's guided predictions at 7.5 swing too much for that (colours flip).
     pipe = StableDiffusion(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
-                           scheduler_config=dict(SD_V1_SCHEDULER, _class_name="DDIMScheduler"))
+                           scheduler_config=dict(SD_V1_CONFIG, _class_name="DDIMScheduler"))
     ship(pipe, out, recipe, report, evaluate, command or f"minidiff train-tiny --out {out}", log)
     report["total_wall_s"] = total.wall
     atomic_write(out / "metrics.json", json.dumps(report, indent=2) + "\n")

@@ -112,6 +112,29 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return ((1 - w) * low + w * high).reshape(sigma.shape)
 
 
+def sigma_schedule(alphas_cumprod: torch.Tensor, n: int, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The n timesteps a σ-sampler (Euler, LMS, Heun, DPM2) visits and their σ's, before the final one:
+    -> (t [n] float32, or float64 when found from Karras σ's; σ [n] float64), both decreasing.
+
+    σ(t) = √((1-ᾱ_t)/ᾱ_t) at the spaced timesteps ("linspace": fractional t, σ interpolated linearly in t). With
+    use_karras_sigmas the σ's follow Karras eq. 5 between the same σ_max and σ_min (or the config's sigma_max /
+    sigma_min) and each t is found back from its σ (interpolated in log σ)."""
+    T = len(alphas_cumprod)
+    if cfg["timestep_spacing"] == "linspace":  # fractional timesteps, not rounded
+        timesteps = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+    else:
+        timesteps = spaced_timesteps(n, T, cfg["timestep_spacing"], cfg["steps_offset"]).astype(np.float32)
+    sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()  # σ(t), t = 0..T-1
+    log_sigmas = np.log(sigmas)
+    sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)   # σ at (fractional) t, linear in t
+    if cfg.get("use_karras_sigmas"):
+        lo = cfg["sigma_min"] if cfg.get("sigma_min") is not None else sigmas[-1].item()
+        hi = cfg["sigma_max"] if cfg.get("sigma_max") is not None else sigmas[0].item()
+        sigmas = karras_sigmas(lo, hi, n)
+        timesteps = sigma_to_t(sigmas, log_sigmas)
+    return timesteps, sigmas
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022, eq. 5: σ_i = (σ_max^{1/ρ} + i/(n-1) (σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ, i = 0..n-1.
     ρ = 7 spends more steps at low noise, where the image's detail is decided. -> [n] decreasing."""
@@ -136,6 +159,30 @@ def randn(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
 
 
+def denoised_ve(model_output: torch.Tensor, sample: torch.Tensor, sigma, prediction_type: str) -> torch.Tensor:
+    """The σ-samplers' denoiser D(x; σ) (Karras et al. 2022, Table 1): the clean image the network's output implies
+    at x = x_0 + σ n. sample, model_output: [B, C, H, W] -> [B, C, H, W].
+        "epsilon":       D = x - σ ε̂
+        "v_prediction":  D = -σ/√(σ²+1) v̂ + x/(σ²+1)   (v in VP units, converted to VE)
+        "sample":        D = the output itself"""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported")
+
+
+def sigma_init_noise(sigmas: torch.Tensor, spacing: str) -> float:
+    """Std of x_N for the σ-samplers (Euler, Heun, DPM2, ...): σ_max, or √(σ_max² + 1) for "leading" spacing, whose
+    first timestep is below T - 1 (as diffusers)."""
+    max_sigma = sigmas.max()
+    if spacing in ("linspace", "trailing"):
+        return float(max_sigma)
+    return float((max_sigma ** 2 + 1) ** 0.5)
+
+
 def per_sample(v: torch.Tensor, ndim: int) -> torch.Tensor:
     """A per-sample coefficient [B] (or a scalar) -> [B, 1, ..., 1] with `ndim` dims, to broadcast over an image."""
     v = v.flatten()
@@ -155,6 +202,10 @@ class Scheduler:
     """
 
     class_name = "Scheduler"
+    # a timestep that is not in self.timesteps: "raise", or "last" (the last step, as diffusers' multistep solvers
+    # DPM-Solver++ and UniPC take it)
+    absent_timestep = "raise"
+    order = 1               # network calls per step: 2 for Heun and DPM2, whose timesteps list each step twice
     init_noise_sigma = 1.0  # std of x_T: unit Gaussian for the variance-preserving (VP) samplers
     defaults: dict = dict(SCHEDULE_DEFAULTS)
     choices: dict = {}
@@ -238,6 +289,18 @@ class Scheduler:
 
     def set_begin_index(self, begin_index: int = 0):
         self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep) -> int:
+        """Position of `timestep` in self.timesteps: the second match if it occurs twice (as diffusers: a sampler that
+        starts mid-schedule must not take the step before it); an absent one per `absent_timestep`."""
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(self.timesteps.device)
+        idx = (self.timesteps == timestep).nonzero()
+        if len(idx) == 0:
+            if self.absent_timestep == "last":
+                return len(self.timesteps) - 1
+            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps")
+        return idx[1 if len(idx) > 1 else 0].item()
 
     def _init_step_index(self, timestep):
         """The position of the first step: begin_index when set, else where `timestep` sits in self.timesteps."""

@@ -32,6 +32,7 @@ class DPMSolverMultistepScheduler(Scheduler):
     Stateful: keeps the last `solver_order` data predictions in `model_outputs`; set_timesteps resets them."""
 
     class_name = "DPMSolverMultistepScheduler"
+    absent_timestep = "last"      # a timestep not in the list: the last step (as diffusers)
     defaults = {**SCHEDULE_DEFAULTS, "solver_order": 2, "prediction_type": "epsilon", "algorithm_type": "dpmsolver++",
                 "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
                 "use_karras_sigmas": False, "sigma_min": None, "sigma_max": None, "final_sigmas_type": "zero",
@@ -103,14 +104,6 @@ class DPMSolverMultistepScheduler(Scheduler):
         self._reset()
         self._begin_index = None
 
-    def index_for_timestep(self, timestep) -> int:
-        """Position of `timestep` in self.timesteps (2nd match if repeated; the last step if absent, as diffusers)."""
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(self.timesteps.device)
-        idx = (self.timesteps == timestep).nonzero()
-        if len(idx) == 0:
-            return len(self.timesteps) - 1
-        return idx[1 if len(idx) > 1 else 0].item()
 
     @staticmethod
     def _alpha_sigma(sigma):
@@ -128,7 +121,7 @@ class DPMSolverMultistepScheduler(Scheduler):
             return alpha_t * sample - sigma_t * model_output
         return model_output         # "sample"
 
-    def first_order_update(self, x0_pred: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    def first_order_update(self, x0_pred: torch.Tensor, sample: torch.Tensor, noise=None) -> torch.Tensor:
         """eq. 9 (= a DDIM step): x̃_t = (σ_t/σ_s) x̃_s - α_t (e^{-h} - 1) x_θ."""
         alpha_t, sigma_t = self._alpha_sigma(self.sigmas[self._step_index + 1])  # t: where we go
         alpha_s, sigma_s = self._alpha_sigma(self.sigmas[self._step_index])      # s: where we are
@@ -137,7 +130,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         h = lambda_t - lambda_s
         return (sigma_t / sigma_s) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0_pred
 
-    def second_order_update(self, model_output_list: list, sample: torch.Tensor) -> torch.Tensor:
+    def second_order_update(self, model_output_list: list, sample: torch.Tensor, noise=None) -> torch.Tensor:
         """Algorithm 2 (2M): x̃_t = (σ_t/σ_s0) x̃_s0 - α_t (e^{-h} - 1) (D0 + D1/2)   ("midpoint")
         or ... - α_t (e^{-h} - 1) D0 + α_t ((e^{-h} - 1)/h + 1) D1                        ("heun")."""
         i = self._step_index
@@ -157,6 +150,10 @@ class DPMSolverMultistepScheduler(Scheduler):
         return ((sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * D0
                 + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1)
 
+    def _noise(self, model_output, generator, noise):
+        """The step's fresh noise: none for the ODE solver (dpmpp_sde.py draws one per step)."""
+        return None
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              noise=None) -> torch.Tensor:
         """x̃_{t_{i-1}} -> x̃_{t_i}. model_output, sample: [B, C, H, W] -> [B, C, H, W].
@@ -174,10 +171,11 @@ class DPMSolverMultistepScheduler(Scheduler):
         x0_pred = self.convert_model_output(model_output, sample)
         self.model_outputs = self.model_outputs[1:] + [x0_pred]  # shift the history window
         sample = sample.to(torch.float32)
+        noise = self._noise(model_output, generator, noise)
         if cfg["solver_order"] == 1 or self.lower_order_nums < 1 or lower_order_final:
-            prev_sample = self.first_order_update(x0_pred, sample)
+            prev_sample = self.first_order_update(x0_pred, sample, noise)
         else:
-            prev_sample = self.second_order_update(self.model_outputs, sample)
+            prev_sample = self.second_order_update(self.model_outputs, sample, noise)
         self.lower_order_nums = min(self.lower_order_nums + 1, cfg["solver_order"])
         self._step_index += 1
         return prev_sample.to(model_output.dtype)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import SCHEDULE_DEFAULTS, Scheduler, karras_sigmas, per_sample, randn, sigma_to_t, spaced_timesteps
+from .base import SCHEDULE_DEFAULTS, Scheduler, denoised_ve, per_sample, randn, sigma_init_noise, sigma_schedule
 
 
 class EulerDiscreteScheduler(Scheduler):
@@ -52,10 +52,7 @@ class EulerDiscreteScheduler(Scheduler):
     @property
     def init_noise_sigma(self) -> float:
         """Std of x_N: σ_max, or √(σ_max² + 1) for "leading" (as diffusers)."""
-        max_sigma = self.sigmas.max()
-        if self._settings["timestep_spacing"] in ("linspace", "trailing"):
-            return float(max_sigma)
-        return float((max_sigma ** 2 + 1) ** 0.5)
+        return sigma_init_noise(self.sigmas, self._settings["timestep_spacing"])
 
     @property
     def step_index(self):
@@ -65,21 +62,7 @@ class EulerDiscreteScheduler(Scheduler):
         """Sets self.timesteps (float32 [n]) and self.sigmas (float32 [n+1], ending in 0 or σ_min)."""
         self.num_inference_steps = n = num_inference_steps
         cfg = self._settings
-        T = self.num_train_timesteps
-        if cfg["timestep_spacing"] == "linspace":  # fractional timesteps, not rounded
-            timesteps = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
-        else:
-            timesteps = spaced_timesteps(n, T, cfg["timestep_spacing"], cfg["steps_offset"]).astype(np.float32)
-
-        sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # σ(t), t = 0..T-1
-        log_sigmas = np.log(sigmas)
-        sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)  # σ at (fractional) t, linear in t
-        if cfg.get("use_karras_sigmas"):  # Karras eq. 5 between the same σ_max and σ_min; t follows from σ
-            lo = cfg["sigma_min"] if cfg.get("sigma_min") is not None else sigmas[-1].item()
-            hi = cfg["sigma_max"] if cfg.get("sigma_max") is not None else sigmas[0].item()
-            sigmas = karras_sigmas(lo, hi, n)
-            timesteps = sigma_to_t(sigmas, log_sigmas)
-
+        timesteps, sigmas = sigma_schedule(self.alphas_cumprod, n, cfg)
         if cfg.get("final_sigmas_type") == "sigma_min":  # stop at σ(0) instead of 0
             sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
         else:
@@ -90,14 +73,6 @@ class EulerDiscreteScheduler(Scheduler):
         self._step_index = None
         self._begin_index = None
 
-    def index_for_timestep(self, timestep) -> int:
-        """Position of `timestep` in self.timesteps (the second match if it occurs twice, as diffusers)."""
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(self.timesteps.device)
-        idx = (self.timesteps == timestep).nonzero()
-        if len(idx) == 0:
-            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps")
-        return idx[1 if len(idx) > 1 else 0].item()
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """x -> c_in x = x / √(σ²+1): the network was trained on variance-preserving x_t. [B,C,H,W] -> [B,C,H,W]."""
@@ -125,12 +100,8 @@ class EulerDiscreteScheduler(Scheduler):
             sample = sample + noise * s_noise * (sigma_hat ** 2 - sigma ** 2) ** 0.5
 
         kind = self._settings["prediction_type"]
-        if kind == "epsilon":        # D = x - σ̂ ε_θ
-            pred_original_sample = sample - sigma_hat * model_output
-        elif kind == "v_prediction":  # D = -σ/√(σ²+1) v̂ + x/(σ²+1)   (v in VP units, converted to VE)
-            pred_original_sample = model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
-        else:                        # "sample": D = the output itself
-            pred_original_sample = model_output
+        # D(x; σ̂) (diffusers reads a v-prediction at σ, not σ̂: the same while churn is off)
+        pred_original_sample = denoised_ve(model_output, sample, sigma if kind == "v_prediction" else sigma_hat, kind)
 
         derivative = (sample - pred_original_sample) / sigma_hat           # d_i = (x - D) / σ̂  (eq. 3)
         dt = self.sigmas[self._step_index + 1] - sigma_hat                  # σ_{i+1} - σ̂_i  (< 0)

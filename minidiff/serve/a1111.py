@@ -2,7 +2,7 @@
 their defaults, and the shapes of its answers (modules/api/models.py and modules/processing.py of
 AUTOMATIC1111/stable-diffusion-webui, read for this file; no code copied).
 
-    A1111_SAMPLER_NAMES   "Euler a" -> "euler_a", ... (the samplers minidiff has)
+    samplers_list()       GET /sdapi/v1/samplers, from minidiff.schedulers' table of the names users know
     TXT2IMG_FIELDS        every field of POST /sdapi/v1/txt2img with AUTOMATIC1111's default
     IMG2IMG_FIELDS        the same for POST /sdapi/v1/img2img
     IMPLEMENTED           the fields minidiff acts on; the others are accepted and ignored (IGNORED_*)
@@ -17,48 +17,34 @@ import math
 import random
 from dataclasses import dataclass, field
 
+from ..schedulers.names import (A1111_ALIASES, A1111_NAMES, A1111_SCHEDULE_TYPES, KARRAS, a1111_label, resolve,
+                                split_karras)
 from ..validation import show
 
-# AUTOMATIC1111's sampler name -> (minidiff scheduler, AUTOMATIC1111's aliases, AUTOMATIC1111's options).
-# The one place that maps these names in this branch: when minidiff.schedulers gets its own table of the names users
-# know (issue 22), this dict is to be replaced by it.
-A1111_SAMPLER_NAMES = {
-    "DPM++ 2M": ("dpmpp", ["k_dpmpp_2m"], {}),
-    "DPM++ 2M Karras": ("dpmpp_karras", ["k_dpmpp_2m_ka"], {"scheduler": "karras"}),
-    "Euler a": ("euler_a", ["k_euler_a", "k_euler_ancestral"], {"uses_ensd": True}),
-    "Euler": ("euler", ["k_euler"], {}),
-    "Euler Karras": ("euler_karras", [], {"scheduler": "karras"}),
-    "LMS": ("lms", ["k_lms"], {}),
-    "LMS Karras": ("lms_karras", ["k_lms_ka"], {"scheduler": "karras"}),
-    "DDIM": ("ddim", [], {}),
-    "PLMS": ("pndm", [], {}),
-    "DDPM": ("ddpm", [], {}),
-}
+# The sampler names are minidiff.schedulers' one table (schedulers/names.py): AUTOMATIC1111's labels, their aliases,
+# the schedule types. The API lists every label, and "<label> Karras" as the samplers of their own that versions
+# before 1.9 listed (clients written for those still send them).
 DEFAULT_SAMPLER = "Euler"      # AUTOMATIC1111's API: sampler_name None, sampler_index "Euler"
-SCHEDULE_TYPES = ("Automatic", "Karras")   # the `scheduler` field (AUTOMATIC1111 1.9+) minidiff can follow
+SCHEDULE_TYPES = tuple(A1111_SCHEDULE_TYPES)   # the `scheduler` field (AUTOMATIC1111 1.9+) minidiff can follow
+ANCESTRAL = ("euler_a", "dpm2_a", "dpmpp_sde")  # samplers that draw noise every step (AUTOMATIC1111's uses_ensd)
 
 
-def sampler_for(name: str) -> str | None:
-    """An AUTOMATIC1111 sampler name or alias (any case), or a minidiff scheduler name -> the minidiff scheduler."""
-    key = name.strip().lower()
-    for a1111, (ours, aliases, _) in A1111_SAMPLER_NAMES.items():
-        if key == a1111.lower() or key == ours or key in aliases:
-            return ours
-    return None
-
-
-def a1111_name(scheduler: str) -> str:
-    """A minidiff scheduler name -> AUTOMATIC1111's (what the infotext says)."""
-    for a1111, (ours, _, _) in A1111_SAMPLER_NAMES.items():
-        if ours == scheduler:
-            return a1111
-    return scheduler
+def sampler_labels() -> list[str]:
+    """Every sampler label the API offers, AUTOMATIC1111's order of kinds: each label, then its Karras twin."""
+    return [label + k for label, ours in A1111_NAMES.items() for k in ("", " Karras") if not k or ours in KARRAS]
 
 
 def samplers_list() -> list[dict]:
     """GET /sdapi/v1/samplers: [{"name", "aliases", "options"}] (the minidiff name is added to the aliases)."""
-    return [{"name": name, "aliases": [*aliases, ours], "options": dict(options)}
-            for name, (ours, aliases, options) in A1111_SAMPLER_NAMES.items()]
+    out = []
+    for label in sampler_labels():
+        ours = resolve(label)
+        aliases = [a for a, target in A1111_ALIASES.items() if target == label] + [ours]
+        options = {"scheduler": "karras"} if ours.endswith("_karras") else {}
+        if split_karras(ours)[0] in ANCESTRAL:
+            options["uses_ensd"] = True
+        out.append({"name": label, "aliases": aliases, "options": options})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ request fields
@@ -233,13 +219,11 @@ def _sampler(b) -> tuple[str, str]:
     if schedule is not None and (not isinstance(schedule, str) or schedule.capitalize() not in SCHEDULE_TYPES):
         raise RequestError(f"scheduler must be one of {', '.join(SCHEDULE_TYPES)} (minidiff has no other schedule "
                            f"type), got {show(schedule)}")
-    if schedule is not None and schedule.capitalize() == "Karras" and not name.lower().endswith(" karras"):
-        name = f"{name} Karras"
-    ours = sampler_for(name)
-    if ours is None:
-        raise RequestError(f"{field_name} {name!r} is not a sampler minidiff has; choose from "
-                           f"{', '.join(A1111_SAMPLER_NAMES)}")
-    return ours, a1111_name(ours)
+    try:
+        ours = resolve(name, schedule)
+    except ValueError as e:
+        raise RequestError(f"{field_name}: {e}") from None
+    return ours, a1111_label(ours)
 
 
 def _read_img2img(b, r: Request) -> None:

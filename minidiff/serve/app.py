@@ -42,6 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import infotext
+from ..errors import InputValueError
 from ..validation import NonFiniteError, check_generate_args
 from . import a1111
 from .jobs import Job, JobQueue, QueueFull, fix_seeds
@@ -111,7 +112,8 @@ def _credentials(auth: str | None) -> dict[str, str]:
     for pair in auth.split(","):
         user, sep, password = pair.partition(":")
         if not sep or not user:
-            raise ValueError(f"--api-auth wants USER:PASS (several separated by commas), got {pair!r}")
+            raise InputValueError(f"--api-auth wants USER:PASS (several separated by commas), got {pair!r}",
+                                  field="api_auth")
         out[user] = password
     return out
 
@@ -340,13 +342,13 @@ def create_app(models=(None,), embeddings=(), device="cpu", auth: str | None = N
 
     async def config(request):
         ckpt, pipe = server.registry.loaded()
-        from ..schedulers import scheduler_name
+        from ..schedulers import a1111_label, scheduler_name
         f = pipe.vae_scale_factor
         return JSONResponse({
             "model": ckpt.title, "models": [c.title for c in server.registry.checkpoints],
             "width": pipe.unet.config.sample_size * f, "height": pipe.unet.config.sample_size * f, "multiple": f,
-            "sampler": a1111.a1111_name(scheduler_name(pipe.scheduler_config)),
-            "samplers": list(a1111.A1111_SAMPLER_NAMES), "explain": explain_available(),
+            "sampler": a1111_label(scheduler_name(pipe.scheduler_config)),
+            "samplers": a1111.sampler_labels(), "explain": explain_available(),
             "preview": "VAE" if uses_vae(pipe) else "Approx cheap",
             "max_images": a1111.MAX_IMAGES_PER_REQUEST, "max_output_pixels": a1111.MAX_OUTPUT_PIXELS})
 

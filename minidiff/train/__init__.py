@@ -2,6 +2,7 @@
 
   data.py        the samples: an endless, seeded stream (one seed scheme: stream_seed / generator)
   objective.py   noise, timestep sampling, the ε / v target, min-SNR weighting: the loss of a micro-batch
+  consistency.py   --train lcm-lora's loss instead: latent consistency distillation (teacher, DDIM solver, EMA target)
   trainable.py   what trains: the whole U-Net, its last N up-blocks, LoRA, or a new word (textual inversion)
   optim.py       AdamW and THE learning-rate schedule (lr_factor)
   loop.py        ONE train_step: accumulation, autocast, NaN guard, clipping, optimizer, schedule, EMA

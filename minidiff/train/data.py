@@ -34,7 +34,7 @@ class SampleStream(torch.utils.data.Dataset):
     crop, flip, caption dropout, timestep and noises come from a generator seeded by (seed, p) (the image's crop and
     flip by (seed, e, index), so cached latents see the same flips). Item p:
         pixel_values [3, R, R] (or moments [2C, h, w] with cached latents), text, t (long []), noise [C, h, w],
-        offset [C, 1, 1], posterior_eps [C, h, w]
+        offset [C, 1, 1], posterior_eps [C, h, w], guidance_u [] (drawn last, so the draws before it never move)
 
     dataset: items {"pixel_values", "text"} (an ImageFolderDataset); T = num_train_timesteps; latent_shape (C, h, w);
     caption_dropout: P(text -> ""); random_flip: left-right flips; cache: cache_latents' dict, or None.
@@ -79,6 +79,7 @@ class SampleStream(torch.utils.data.Dataset):
         item["t"] = torch.randint(0, self.T, (), generator=g)
         if torch.rand((), generator=g) < self.caption_dropout:
             item["text"] = ""
+        item["guidance_u"] = torch.rand((), generator=g)   # u ~ U[0, 1): the guidance of LCM distillation
         return item
 
 

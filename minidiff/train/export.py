@@ -2,7 +2,9 @@
 
   OUT/                     a diffusers model folder (minidiff.load, diffusers' StableDiffusionPipeline)
   OUT/lora.safetensors     --train lora --lora-export separate: the LoRA (the U-Net's, and the text encoder's with
-                           --lora-text-encoder; minidiff.lora.apply_lora on the base)
+                           --lora-text-encoder) in the diffusers/PEFT layout (load_lora_weights;
+                           minidiff.lora.apply_lora on the base) ...
+  OUT/lora_kohya.safetensors   ... and the same in the kohya layout (AUTOMATIC1111, ComfyUI)
   OUT/learned_embeds.safetensors      --train textual-inversion: {token: [d] or [n, d]} (diffusers)
   OUT/<token>.pt, OUT/<token>.safetensors   the same vectors in AUTOMATIC1111's form
   OUT/model.safetensors    --export-compvis: the same model in the CompVis single-file layout
@@ -37,13 +39,13 @@ def export_embeddings(out, token: str, vectors) -> list[Path]:
 
 
 def export_model(pipe, out, placeholder_token: str | None = None, lora_export: str = "merge", base_model=None,
-                 export_compvis: bool = False) -> Path:
+                 export_compvis: bool = False, lora_preset: str | None = None) -> Path:
     """Write the model into OUT as a diffusers folder without touching OUT's logs and checkpoints: saved whole into
     a temporary OUT/.export-*, then each part renamed into place, model_index.json last.
 
     placeholder_token: textual inversion's word (its vectors go to the embedding files); lora_export "separate" also
-    writes OUT/lora.safetensors (its metadata names base_model) before the LoRA is merged; export_compvis: also
-    OUT/model.safetensors."""
+    writes OUT/lora.safetensors and OUT/lora_kohya.safetensors (their metadata name base_model and lora_preset) before
+    the LoRA is merged; export_compvis: also OUT/model.safetensors."""
     from ..checkpoint import save
     from ..lora import lora_layers, merge_lora, save_lora
 
@@ -53,7 +55,9 @@ def export_model(pipe, out, placeholder_token: str | None = None, lora_export: s
         export_embeddings(out, placeholder_token, learned)
     if lora_layers(pipe.unet) or lora_layers(pipe.text_encoder):
         if lora_export == "separate":       # the U-Net's LoRA layers and the text encoder's, if it has any
-            save_lora(pipe, out / "lora.safetensors", extra_metadata={"base_model": str(base_model or "embedded")})
+            note = {"base_model": str(base_model or "embedded"), "preset": lora_preset}
+            save_lora(pipe, out / "lora.safetensors", extra_metadata=note)
+            save_lora(pipe, out / "lora_kohya.safetensors", format="kohya", extra_metadata=note)
         merge_lora(pipe)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:

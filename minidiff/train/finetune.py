@@ -5,7 +5,9 @@
 
 What trains: the whole U-Net, its last N up-blocks (the decoder end, nearest the pixels), LoRA adapters on the
 attention projections (minidiff.lora; optionally the text encoder's too), or a new word (textual inversion). The VAE
-stays frozen throughout; the text encoder too except for its LoRA or the new word's embedding.
+stays frozen throughout; the text encoder too except for its LoRA or the new word's embedding. `--train lcm-lora`
+trains a LoRA with another objective: latent consistency distillation of the model into a 1-8 step sampler
+(consistency.py; the model being tuned is its own teacher).
 
 Exact resumption: every random choice of a sample is drawn from a generator seeded by (seed, the sample's position
 in the stream of samples) (data.py), and a checkpoint holds the model's trained tensors, the optimizer, the LR
@@ -33,14 +35,19 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import loop, objective
+from ..errors import InputValueError
+from ..lora import LORA_PRESETS
+from ..settings import (SEED_MAX, Bool, Choice, Device, Existing, Folder, Int, Ints, Output, Real, Sampler, Text,
+                        Texts, check_on_this_machine, check_settings)
+from . import consistency, loop, objective
+from .consistency import LCM_LOSSES
 from .data import SampleStream, cache_latents, collate, default_validation_prompts, positions
 from .export import export_model
 from .loop import TrainingDiverged
-from .optim import LR_SCHEDULES, make_lr_scheduler, make_optimizer
-from .reports import REPORT_TO, Reporter, render_validation
-from .state import (CKPT_DIR, check_resume_config, config_dict, list_checkpoints, load_checkpoint, remove_stale,
-                    save_checkpoint, seed_everything)
+from .optim import LR_SCHEDULES, check_optimizer, make_lr_scheduler, make_optimizer
+from .reports import REPORT_TO, Reporter, render_validation, require_tensorboard
+from .state import (CKPT_DIR, check_resume_config, config_dict, list_checkpoints, load_checkpoint,
+                    read_checkpoint_config, remove_stale, save_checkpoint, seed_everything)
 from .trainable import TRAIN_MODES, select_trainable, text_encoder_trains
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -61,15 +68,27 @@ class FinetuneConfig:
     resolution: int | None = None               # training side in pixels; None = the model's native size
     seed: int = 0
     # what trains
-    train: str = "unet"                         # "unet" | "last-up-blocks" | "lora" | "textual-inversion"
+    train: str = "unet"                         # "unet" | "last-up-blocks" | "lora" | "textual-inversion" | "lcm-lora"
     up_blocks: int = 1                          # with train="last-up-blocks": how many (from the output end)
-    lora_rank: int = 4
+    # with train="lora": where LoRA goes, LyCORIS' "attn-only" | "attn-mlp" | "full" (minidiff.lora.LORA_PRESETS).
+    # full at rank 8: the smallest LoRA that learned the new concept as well as the full U-Net (docs/finetuning.md §6)
+    lora_preset: str = "full"
+    lora_rank: int = 8                          # r of every Linear and 1×1 conv
     lora_alpha: float | None = None             # None = the rank (α/r = 1)
-    lora_export: str = "merge"                  # "merge" | "separate" (also writes OUT/lora.safetensors)
-    lora_text_encoder: bool = False             # with train="lora": LoRA on the text encoder's q/k/v/out too
+    lora_conv_rank: int | None = None           # r of the k×k convs (preset "full"); None = lora_rank
+    lora_conv_alpha: float | None = None        # their α; None = lora_alpha (None: α = their rank)
+    lora_export: str = "merge"                  # "merge" | "separate" (+ OUT/lora.safetensors, lora_kohya.safetensors)
+    lora_text_encoder: bool = False             # with train="lora": LoRA on the text encoder too (the preset's layers)
     placeholder_token: str | None = None        # with train="textual-inversion": the new word, e.g. "<pika>"
     initializer_token: str | None = None        # ... a word whose vector it starts from, e.g. "pokemon"
     num_vectors: int = 1                        # ... vectors the new word stands for
+    # latent consistency distillation (train="lcm-lora"; consistency.py)
+    lcm_skip: int = 20                          # k: the teacher's DDIM step t_{n+k} -> t_n in timesteps (grid T/k)
+    lcm_guidance_min: float = 3.0               # the teacher's guidance scale s ~ U[min, max] (generate's
+    lcm_guidance_max: float = 7.0               #   guidance_scale; LCM's ω = s − 1); min = max: fixed
+    lcm_loss: str = "huber"                     # "huber" (pseudo-Huber, c = lcm_huber_c) | "l2"
+    lcm_huber_c: float = 0.001
+    lcm_ema_decay: float = 0.95                 # μ of the target network θ⁻ ← μ θ⁻ + (1 − μ) θ (0: the student)
     # loss
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
@@ -111,35 +130,147 @@ class FinetuneConfig:
     report_to: str = "none"                     # "none" | "tensorboard" (event files in OUT/tensorboard)
 
     def __post_init__(self):
-        checks = [(self.train in TRAIN_MODES, f"train must be one of {TRAIN_MODES}, got {self.train!r}"),
-                  (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
-                  (self.mixed_precision in PRECISIONS, f"mixed_precision must be one of {PRECISIONS}"),
-                  (self.optimizer in ("adamw", "adamw8bit"), "optimizer must be 'adamw' or 'adamw8bit'"),
-                  (self.lora_export in ("merge", "separate"), "lora_export must be 'merge' or 'separate'"),
-                  (self.steps >= 0 and self.batch_size >= 1 and self.grad_accum >= 1,
-                   "steps >= 0, batch_size >= 1 and grad_accum >= 1 are required"),
-                  (0.0 <= self.caption_dropout <= 1.0, "caption_dropout is a probability in [0, 1]"),
-                  (self.checkpoint_every >= 1 and self.keep_last >= 1, "checkpoint_every and keep_last must be >= 1"),
-                  (self.report_to in REPORT_TO, f"report_to must be one of {REPORT_TO}, got {self.report_to!r}"),
-                  (self.train != "textual-inversion" or (self.placeholder_token and self.initializer_token),
-                   "--train textual-inversion needs --placeholder-token (the new word, e.g. '<pika>') and "
-                   "--initializer-token (a word it starts from, e.g. 'pokemon')"),
-                  (self.num_vectors >= 1, f"num_vectors must be >= 1, got {self.num_vectors}"),
-                  (not self.lora_text_encoder or self.train == "lora", "lora_text_encoder needs train='lora'"),
-                  (self.cache_latents is False or self.center_crop,
-                   "cache_latents needs center_crop: a cached latent is one fixed crop (random flips are cached "
-                   "both ways)")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        self.validation_seeds = tuple(int(s) for s in self.validation_seeds)
+        # the door (minidiff.settings): every field by its row of FINETUNE_FIELDS, then the rules between fields —
+        # so FinetuneConfig(...) in Python and `minidiff finetune` on the command line refuse the same things alike
+        check_settings(self, FINETUNE_FIELDS, FINETUNE_RULES)
+        self.validation_seeds = tuple(self.validation_seeds)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "FinetuneConfig":
         """A preset's settings with `overrides` winning: FinetuneConfig.from_preset("pokemon", data=..., output=...)."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+            raise InputValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}", field="preset")
         return cls(**{**PRESETS[name], **overrides})
+
+
+# The door's table: one row per field of FinetuneConfig — what it holds, the flag that sets it (None: --field-name).
+# A new field gets its row here; a rule between fields goes into FINETUNE_RULES. Paths and the device are looked at
+# when train() starts (check_on_this_machine), the rest when the config is made.
+OPTIMIZERS = ("adamw", "adamw8bit")
+LORA_EXPORTS = ("merge", "separate")
+FINETUNE_FIELDS = {
+    "data": Folder(holding="metadata.jsonl"),
+    "output": Output("folder"),
+    "model": Existing(what="a diffusers folder or a CompVis .ckpt/.safetensors file", optional=True),
+    "steps": Int(0),
+    "batch_size": Int(1),
+    "grad_accum": Int(1),
+    "lr": Real(gt=0),
+    "resolution": Int(1, optional=True),            # and a multiple of the VAE's factor: checked with the model
+    "seed": Int(0, SEED_MAX),
+    "train": Choice(TRAIN_MODES),
+    "up_blocks": Int(1),                            # and at most the U-Net's up-blocks: checked with the model
+    "lora_preset": Choice(tuple(LORA_PRESETS)),
+    "lora_rank": Int(1),
+    "lora_alpha": Real(gt=0, optional=True),       # None: α = r
+    "lora_conv_rank": Int(1, optional=True),        # None: lora_rank
+    "lora_conv_alpha": Real(gt=0, optional=True),   # None: lora_alpha
+    "lora_export": Choice(LORA_EXPORTS),
+    "lora_text_encoder": Bool(),
+    "placeholder_token": Text(optional=True),
+    "initializer_token": Text(optional=True),
+    "num_vectors": Int(1),
+    "lcm_skip": Int(1),                             # and a divisor of the model's timesteps: checked with the model
+    "lcm_guidance_min": Real(1),
+    "lcm_guidance_max": Real(1),
+    "lcm_loss": Choice(LCM_LOSSES),
+    "lcm_huber_c": Real(gt=0),
+    "lcm_ema_decay": Real(0, lt=1),
+    "min_snr_gamma": Real(gt=0, optional=True),
+    "noise_offset": Real(0),
+    "caption_dropout": Real(0, 1),
+    "optimizer": Choice(OPTIMIZERS),
+    "weight_decay": Real(0),
+    "adam_beta1": Real(0, lt=1),
+    "adam_beta2": Real(0, lt=1),
+    "adam_eps": Real(gt=0),
+    "warmup_steps": Int(0),
+    "lr_schedule": Choice(LR_SCHEDULES),
+    "max_grad_norm": Real(0, optional=True),        # None or 0: no clipping
+    "ema": Bool(),
+    "ema_decay": Real(0, 1),
+    "ema_on_cpu": Bool(),
+    "mixed_precision": Choice(PRECISIONS),
+    "gradient_checkpointing": Bool(),
+    "cache_latents": Bool(),
+    "compile": Bool(),
+    "device": Device(optional=True),
+    "num_workers": Int(0),
+    "center_crop": Bool(flag="--center-crop / --random-crop"),
+    "random_flip": Bool(),
+    "checkpoint_every": Int(1),
+    "keep_last": Int(1),
+    "validation_prompts": Texts(optional=True),
+    "validation_seeds": Ints(0, SEED_MAX),
+    "validation_steps": Int(0),
+    "validation_guidance": Real(0),
+    "validation_scheduler": Sampler(optional=True),
+    "resume": Bool(),
+    "export_compvis": Bool(),
+    "max_steps_this_run": Int(0, optional=True),
+    "progress": Bool(flag="--no-progress"),
+    "report_to": Choice(REPORT_TO),
+}
+
+
+def _textual_inversion_needs_its_tokens(c):
+    if c.train == "textual-inversion" and not (c.placeholder_token and c.initializer_token):
+        return ("--train textual-inversion needs --placeholder-token (the new word, e.g. '<pika>') and "
+                "--initializer-token (a word it starts from, e.g. 'pokemon')")
+
+
+def _tokens_need_textual_inversion(c):
+    given = [f for f in ("placeholder_token", "initializer_token") if getattr(c, f) is not None]
+    if given and c.train != "textual-inversion":
+        return (f"{given[0]} (--{given[0].replace('_', '-')}) is for --train textual-inversion; this run has "
+                f"train={c.train!r}")
+
+
+def _lora_text_encoder_needs_lora(c):
+    if c.lora_text_encoder and c.train != "lora":
+        return f"lora_text_encoder (--lora-text-encoder) needs train='lora' (--train lora), got train={c.train!r}"
+
+
+def _conv_lora_needs_the_full_preset(c):
+    given = [f for f in ("lora_conv_rank", "lora_conv_alpha") if getattr(c, f) is not None]
+    if not given:
+        return None
+    what = f"{given[0]} (--{given[0].replace('_', '-')}) sets the LoRA of the k×k convolutions"
+    if c.train != "lora":
+        return f"{what}: it needs train='lora' (--train lora), got train={c.train!r}"
+    if c.lora_preset != "full":
+        return (f"{what}: it needs lora_preset='full' (--lora-preset full); preset {c.lora_preset!r} puts no LoRA "
+                f"on a k×k convolution")
+
+
+def _lcm_guidance_range(c):
+    if c.lcm_guidance_min > c.lcm_guidance_max:
+        return (f"lcm_guidance_min (--lcm-guidance-min) must be <= lcm_guidance_max (--lcm-guidance-max), got "
+                f"{c.lcm_guidance_min} and {c.lcm_guidance_max} (equal: a fixed guidance)")
+
+
+def _lcm_lora_keeps_its_own_ema(c):
+    if c.train == "lcm-lora" and c.ema:
+        return ("ema (--ema) is not for --train lcm-lora: its EMA is the target network (--lcm-ema-decay), which is "
+                "also what it exports")
+
+
+def _lcm_lora_takes_no_denoising_tweaks(c):
+    given = [f for f in ("min_snr_gamma", "noise_offset") if getattr(c, f)]
+    if c.train == "lcm-lora" and given:
+        return (f"{given[0]} (--{given[0].replace('_', '-')}) tweaks the denoising loss; --train lcm-lora minimises "
+                f"the consistency loss (--lcm-loss) and takes neither --min-snr-gamma nor --noise-offset")
+
+
+def _cache_latents_needs_center_crop(c):
+    if c.cache_latents and not c.center_crop:
+        return ("cache_latents (--cache-latents) needs center_crop (--center-crop): a cached latent is one fixed "
+                "crop (random flips are cached both ways)")
+
+
+FINETUNE_RULES = [_textual_inversion_needs_its_tokens, _tokens_need_textual_inversion, _lora_text_encoder_needs_lora,
+                  _conv_lora_needs_the_full_preset, _lcm_guidance_range, _lcm_lora_keeps_its_own_ema,
+                  _lcm_lora_takes_no_denoising_tweaks, _cache_latents_needs_center_crop]
 
 
 # The monograph's recipe for ~750 Pokémon images on one 24 GB GPU (docs/finetuning.md derives its memory and time):
@@ -166,18 +297,22 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-        if device is None:
-            device = f"cuda:{self.local_rank}" if cuda else "cpu"
-        elif device == "cuda" and self.world > 1:
-            device = f"cuda:{self.local_rank}"
-        self.device = torch.device(device)
+        self.device = self.device_for(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.owned = False
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self.owned = True
+
+    @staticmethod
+    def device_for(device: str | None) -> torch.device:
+        """The device this process trains on: --device, or cuda:<local rank> when CUDA is there, else the CPU; a
+        plain "cuda" in a multi-process job is this process's GPU."""
+        local_rank, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if device is None:
+            return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if device == "cuda" and world > 1 else device)
 
     @property
     def main(self) -> bool:
@@ -206,12 +341,39 @@ class Dist:
 def train(cfg: FinetuneConfig) -> dict:
     """Run (or resume) a fine-tuning run. Returns {"step", "finished", "output", "loss"}.
 
-    Raises TrainingDiverged when the loss becomes NaN/inf (nothing is written for that step)."""
+    Bad settings are refused before any work (check_before_work): nothing is loaded, scanned or created. Raises
+    TrainingDiverged when the loss becomes NaN/inf (nothing is written for that step); a run stopped by any error
+    keeps its last good checkpoint and says where it is."""
+    check_before_work(cfg)
     ctx = Dist(cfg.device)
     try:
         return _train(cfg, ctx)
     finally:
         ctx.close()
+
+
+def check_before_work(cfg: FinetuneConfig) -> None:
+    """What FinetuneConfig's own check cannot know: the paths and the device as this machine has them, an --output
+    that already holds a run, a --resume whose checkpoint was saved with other settings (read without loading it),
+    a --resolution the model's VAE cannot take (its config read, not the weights), an optimizer or report this
+    machine cannot run. Raises before any model is loaded, any image scanned or any folder created."""
+    from ..checkpoint import vae_scale_factor
+    check_settings(cfg, FINETUNE_FIELDS, FINETUNE_RULES)   # again: the fields may have been changed since __init__
+    check_on_this_machine(cfg, FINETUNE_FIELDS)
+    out = Path(cfg.output)
+    found = list_checkpoints(out)
+    if found and not cfg.resume:
+        raise FileExistsError(f"--output {out} already holds checkpoints of a run (latest: {found[-1].name}): pass "
+                              f"--resume to continue it, or use another --output")
+    if found and cfg.resume:
+        check_resume_config(read_checkpoint_config(found[-1]), cfg, int(os.environ.get("WORLD_SIZE", "1")), found[-1])
+    f = vae_scale_factor(cfg.model)                      # None: a pickle; checked once the model is loaded
+    if f is not None and cfg.resolution is not None and cfg.resolution % f:
+        raise InputValueError(f"--resolution must be a multiple of {f} for this model's VAE, got {cfg.resolution}",
+                              field="resolution")
+    check_optimizer(cfg.optimizer, Dist.device_for(cfg.device))
+    if cfg.report_to == "tensorboard":
+        require_tensorboard()
 
 
 @dataclass
@@ -241,6 +403,12 @@ def _train(cfg: FinetuneConfig, ctx: Dist) -> dict:
     reporter = Reporter(run.out, cfg.report_to, run.start, enabled=ctx.main)
     try:
         loss = _loop(cfg, ctx, run, reporter)
+    except BaseException as e:                  # Ctrl+C, a full disk, a bug: say what is kept (TrainingDiverged does)
+        if ctx.main and not isinstance(e, TrainingDiverged):
+            print(f"fine-tuning stopped ({type(e).__name__}); the last good checkpoint is "
+                  f"{run.last_ckpt or 'none (no checkpoint was written yet)'}: continue from it with --resume "
+                  f"(resume=True)", file=sys.stderr)
+        raise
     finally:
         reporter.close()
     finished = run.end >= cfg.steps
@@ -255,22 +423,23 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
     """The model with what trains, the data stream, optimizer + schedule + EMA, and the state of a resumed run."""
     from ..checkpoint import load
     from ..data.imagefolder import ImageFolderDataset
+    from ..formats.weights import CheckpointError
     from ..ema import EMA
     from ..schedulers import DDPMScheduler
 
     out = Path(cfg.output)
     device = ctx.device
-    if not cfg.resume and list_checkpoints(out):
-        raise FileExistsError(f"{out} already holds checkpoints of a run (latest: {list_checkpoints(out)[-1].name}): "
-                              f"pass --resume to continue it, or use another --output")
-    if ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale(out)                                        # a checkpoint half-written by a killed run
     seed_everything(cfg.seed)                                    # LoRA's A init; everything else has its own seed
 
     # ---- the model: everything frozen but what trains; trained tensors in fp32 (autocast does the low precision)
-    pipe = load(cfg.model, device=device, dtype=torch.float32)
+    try:
+        pipe = load(cfg.model, device=device, dtype=torch.float32)
+    except CheckpointError as e:                                 # the file is --model's
+        raise CheckpointError(str(e), field="model") from None
     noise_sched = DDPMScheduler.from_config(pipe.scheduler_config)
+    if cfg.train == "lcm-lora":          # the distilled model samples with LCM on the distillation's grid: its own
+        lcm_sched = consistency.lcm_scheduler(pipe.scheduler_config, cfg.lcm_skip)   # sampler (validation, export)
+        pipe.scheduler_config = consistency.lcm_scheduler_config(pipe.scheduler_config, cfg.lcm_skip)
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
     alphas_cumprod = noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(device)   # ᾱ_t [T], on the device
     # once: add_noise would otherwise copy it from the host every micro-step (on CUDA a copy that waits for the GPU)
@@ -282,14 +451,16 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
         unet.enable_gradient_checkpointing()
     f = pipe.vae_scale_factor
     R = cfg.resolution or (unet.config.sample_size or 64) * f
-    if R % f:
-        raise ValueError(f"--resolution must be a multiple of {f} (the VAE's downsampling), got {R}")
+    if R % f:                                                    # a pickled model: its factor is known only now
+        raise InputValueError(f"--resolution must be a multiple of {f} for this model's VAE, got {R}",
+                              field="resolution")
     latent_shape = (unet.config.in_channels, R // f, R // f)
 
     # ---- data
     dataset = ImageFolderDataset(cfg.data, R, center_crop=cfg.center_crop, random_flip=False)
     if len(dataset) == 0:
-        raise ValueError(f"{cfg.data}: no usable images (see the warnings above)")
+        raise InputValueError(f"data (--data): no usable image in {cfg.data} (the warnings above say why)",
+                              field="data")
     if cfg.train == "textual-inversion" and not any(cfg.placeholder_token in r["text"] for r in dataset.rows):
         warnings.warn(f"no caption of {cfg.data} contains the placeholder {cfg.placeholder_token!r}: its embedding "
                       f"gets no gradient. Write it into the captions, e.g. 'a drawing of {cfg.placeholder_token}'.",
@@ -305,16 +476,22 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
     scheduler = make_lr_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
     scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
     ema = EMA(trainable, cfg.ema_decay, device="cpu" if cfg.ema_on_cpu else None) if cfg.ema else None
+    if cfg.train == "lcm-lora":          # the target network θ⁻: train_step updates it after every optimizer step
+        ema = EMA(trainable, cfg.lcm_ema_decay, device="cpu" if cfg.ema_on_cpu else None)
     autocast = loop.autocast_for(device, cfg.mixed_precision)
 
-    # ---- resume
+    # ---- the output folder: made only now, when nothing above refused the run
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)                                        # a checkpoint half-written by a killed run
+
+    # ---- resume (its settings were checked before any work: check_before_work)
     start, last_ckpt = 0, None
     if cfg.resume:
         found = list_checkpoints(out)
         if found:
             last_ckpt = found[-1]
             state = load_checkpoint(last_ckpt, trainable, optimizer, scheduler, scaler, ema)
-            check_resume_config(state["config"], cfg, ctx.world, last_ckpt)
             start = int(state["step"])
             if ctx.main:
                 print(f"resuming from {last_ckpt} (step {start})", file=sys.stderr)
@@ -337,9 +514,16 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
         return objective.micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_type, device,
                                          autocast, cfg.noise_offset, cfg.min_snr_gamma, text_trains)
 
+    def lcm_loss_fn(batch):  # --train lcm-lora: the consistency distillation loss instead of the denoising one
+        target = {n: w.to(device) for n, w in ema.shadow.items()}           # θ⁻ (already there unless ema_on_cpu)
+        return consistency.lcm_micro_step_loss(batch, pipe, model, lcm_sched, target, device, autocast, cfg.lcm_skip,
+                                               (cfg.lcm_guidance_min, cfg.lcm_guidance_max), cfg.lcm_loss,
+                                               cfg.lcm_huber_c)
+
     val_prompts = cfg.validation_prompts if cfg.validation_prompts is not None else \
         default_validation_prompts(dataset, UNRELATED_PROMPTS)
-    return Run(out, pipe, model, trainable, dataset, iter(loader), loss_fn, optimizer, scheduler, scaler, ema,
+    objective_fn = lcm_loss_fn if cfg.train == "lcm-lora" else loss_fn
+    return Run(out, pipe, model, trainable, dataset, iter(loader), objective_fn, optimizer, scheduler, scaler, ema,
                autocast, R, start, end, last_ckpt, val_prompts)
 
 
@@ -382,10 +566,11 @@ def _loop(cfg: FinetuneConfig, ctx: Dist, run: Run, reporter: Reporter) -> float
             bar.update(1)
             bar.set_postfix(loss=f"{r.loss:.4f}", lr=f"{r.lr:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                run.last_ckpt = run.out / CKPT_DIR / f"step-{done:06d}"
                 if ctx.main:
                     save_checkpoint(run.out, done, run.trainable, run.optimizer, run.scheduler, run.scaler, run.ema,
                                     cfg, cfg.keep_last, ctx.world)
+                run.last_ckpt = run.out / CKPT_DIR / f"step-{done:06d}"   # once it is written whole
+                if ctx.main:
                     reporter.plots()
                     if run.val_prompts and cfg.validation_steps > 0:
                         with (run.ema.swapped_in(run.trainable) if run.ema is not None else nullcontext()):
@@ -408,7 +593,9 @@ def _finish(cfg: FinetuneConfig, ctx: Dist, run: Run) -> None:
         unet.disable_gradient_checkpointing()
     unet.eval().requires_grad_(False)
     atomic_write(run.out / "finetune_config.json", json.dumps({**config_dict(cfg), "_world": ctx.world}, indent=2))
-    export_model(run.pipe, run.out, cfg.placeholder_token, cfg.lora_export, cfg.model, cfg.export_compvis)
+    lcm = cfg.train == "lcm-lora"                     # LCM-LoRA: the file is the point, on LCM-LoRA's layers
+    export_model(run.pipe, run.out, cfg.placeholder_token, "separate" if lcm else cfg.lora_export, cfg.model,
+                 cfg.export_compvis, "lcm-lora" if lcm else cfg.lora_preset)
 
 
 __all__ = ["FinetuneConfig", "PRESETS", "PRECISIONS", "TRAIN_MODES", "LR_SCHEDULES", "UNRELATED_PROMPTS", "Dist",

@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import MinidiffError
 
-class TrainingDiverged(RuntimeError):
+
+class TrainingDiverged(MinidiffError, RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 

@@ -49,6 +49,23 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, al
     return (per_sample * min_snr_weights(alphas_cumprod, t, min_snr_gamma, prediction_type)).mean()
 
 
+@torch.no_grad()
+def clean_latents(batch, pipe, device) -> torch.Tensor:
+    """z₀ = s · (μ + σ · η) of a micro-batch: a sample of the frozen VAE's posterior (η = batch["posterior_eps"]),
+    from cached moments or by encoding the pixels (in fp32, no autocast). -> [B, C, h, w]."""
+    from ..vae import DiagonalGaussian
+    if "moments" in batch:                                   # cached: the VAE posterior's moments
+        posterior = DiagonalGaussian(_put(batch["moments"], device))
+    else:
+        posterior = pipe.vae.encode(_put(batch["pixel_values"], device))
+    return (posterior.mean + posterior.std * _put(batch["posterior_eps"], device)) * pipe.latent_scale
+
+
+def _put(x, device):
+    """Host -> device without waiting for the GPU (the DataLoader pins host memory on CUDA)."""
+    return x.to(device, non_blocking=True)
+
+
 def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_type, device, autocast,
                     noise_offset: float = 0.0, min_snr_gamma: float | None = None, text_trains: bool = False):
     """One forward pass on one micro-batch -> the loss (fp32 scalar, not yet divided by grad_accum).
@@ -56,17 +73,10 @@ def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_
     batch: data.collate's dict; model(z_t, t, context) is the U-Net (or its DDP / compiled wrapper); noise_offset o
     and min_snr_gamma γ: the tweaks of the module docstring (0 / None: off). The frozen VAE runs in fp32 without
     gradients; the text encoder runs with gradients only when part of it trains (LoRA on it, textual inversion)."""
-    from ..vae import DiagonalGaussian
-
-    def put(x):   # pinned host memory (the DataLoader's pin_memory on CUDA) -> device without waiting for the GPU
-        return x.to(device, non_blocking=True)
+    def put(x):
+        return _put(x, device)
     with torch.no_grad():
-        if "moments" in batch:                                   # cached: the VAE posterior's moments
-            posterior = DiagonalGaussian(put(batch["moments"]))
-        else:                                                    # the frozen VAE runs in fp32 (no autocast)
-            posterior = pipe.vae.encode(put(batch["pixel_values"]))
-        eps_post = put(batch["posterior_eps"])
-        z0 = (posterior.mean + posterior.std * eps_post) * pipe.latent_scale       # [B, C, h, w], unit variance
+        z0 = clean_latents(batch, pipe, device)                                    # [B, C, h, w], unit variance
         noise = put(batch["noise"])                                                # ε [B, C, h, w]
         if noise_offset:
             noise = noise + noise_offset * put(batch["offset"])                    # + o · δ [B, C, 1, 1]
@@ -82,4 +92,4 @@ def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_
     return diffusion_loss(pred, target, t, alphas_cumprod, min_snr_gamma, prediction_type)
 
 
-__all__ = ["snr", "min_snr_weights", "diffusion_loss", "micro_step_loss"]
+__all__ = ["snr", "min_snr_weights", "diffusion_loss", "clean_latents", "micro_step_loss"]

@@ -7,9 +7,12 @@ and η_s = lr · lr_factor(s): a linear warm-up from 0, then constant, half a co
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
+
+from ..errors import SetupError
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
@@ -36,22 +39,28 @@ def make_lr_scheduler(optimizer, schedule: str, warmup: int, total: int, final: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule, warmup, total, final))
 
 
+def check_optimizer(kind: str, device: torch.device) -> None:
+    """Can this machine run optimizer `kind` on `device`? adamw8bit needs a CUDA GPU and bitsandbytes (SetupError
+    says what to do); called before any work, and again by make_optimizer."""
+    if kind == "adamw8bit":
+        if device.type != "cuda":
+            raise SetupError(f"--optimizer adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit optimizers); this run "
+                             f"is on {device}. Use --optimizer adamw.")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise SetupError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes")
+    elif kind != "adamw":
+        raise ValueError(f"optimizer must be 'adamw' or 'adamw8bit', got {kind!r}")
+
+
 def make_optimizer(params: list, lr: float, device: torch.device, kind: str = "adamw", weight_decay: float = 1e-2,
                    betas=(0.9, 0.999), eps: float = 1e-8):
     """AdamW, fused into one kernel where torch has one (CUDA, CPU); 8-bit states (bitsandbytes) with
     kind="adamw8bit"."""
+    check_optimizer(kind, device)
     kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
     if kind == "adamw8bit":
-        if device.type != "cuda":
-            raise RuntimeError(f"--optimizer adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit optimizers); this run "
-                               f"is on {device}. Use --optimizer adamw.")
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise RuntimeError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+        import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(params, **kw)
-    if kind != "adamw":
-        raise ValueError(f"optimizer must be 'adamw' or 'adamw8bit', got {kind!r}")
     return torch.optim.AdamW(params, fused=True if fused_supported(device) else None, **kw)
 
 
@@ -66,4 +75,4 @@ def fused_supported(device: torch.device) -> bool:
         return device.type == "cuda"
 
 
-__all__ = ["LR_SCHEDULES", "lr_factor", "make_lr_scheduler", "make_optimizer", "fused_supported"]
+__all__ = ["LR_SCHEDULES", "lr_factor", "make_lr_scheduler", "check_optimizer", "make_optimizer", "fused_supported"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..errors import SetupError
 from ..files import atomic_write
 
 REPORT_TO = ("none", "tensorboard")
@@ -72,16 +73,22 @@ def draw_lr_curve(rows: list[dict], path, size=(720, 360)) -> Path:
     return _plot(path, [p[0] for p in pts], series, "learning rate", "lr", size)
 
 
+def require_tensorboard():
+    """torch's SummaryWriter class; SetupError (saying what to install) when the tensorboard package is missing.
+    Called before a run starts, and by TensorBoard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SetupError("--report-to tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(or use --report-to none)") from None
+    return SummaryWriter
+
+
 class TensorBoard:
     """Scalars (and validation grids) as TensorBoard event files in OUT/tensorboard (torch.utils.tensorboard)."""
 
     def __init__(self, folder):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise RuntimeError("--report-to tensorboard needs the tensorboard package: pip install tensorboard "
-                               "(or use --report-to none)") from None
-        self.writer = SummaryWriter(log_dir=str(folder))
+        self.writer = require_tensorboard()(log_dir=str(folder))
 
     def scalars(self, row: dict) -> None:
         for k, v in row.items():
@@ -171,5 +178,5 @@ def render_validation(pipe, prompts, seeds, resolution: int, steps: int = 25, gu
     return make_grid(rows, prompts, [f"seed {s}" for s in seeds], cell=readable_cell(max(rows[0][0].size)))
 
 
-__all__ = ["REPORT_TO", "moving_average", "draw_loss_curve", "draw_lr_curve", "TensorBoard", "Reporter",
-           "prepare_log", "render_validation"]
+__all__ = ["REPORT_TO", "moving_average", "draw_loss_curve", "draw_lr_curve", "require_tensorboard", "TensorBoard",
+           "Reporter", "prepare_log", "render_validation"]

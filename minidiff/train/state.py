@@ -14,6 +14,7 @@ torch.load(weights_only=True) — no pickle runs.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import random
 import shutil
 import warnings
@@ -23,7 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import InputValueError
 from ..files import atomic_dir, atomic_write
+from ..formats.weights import UNREADABLE, CheckpointError
 
 CKPT_DIR = "checkpoints"
 
@@ -110,10 +113,12 @@ def load_checkpoint(path: Path, trainable: dict, optimizer, scheduler, scaler, e
     """Restore everything save_checkpoint wrote; returns the state dict (step, config, ...)."""
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     weights = load_file(str(path / "trainable.safetensors"))
-    if set(weights) != set(trainable):
-        diff = sorted(set(weights) ^ set(trainable))
-        raise ValueError(f"{path}: the checkpoint trains other tensors than this run (e.g. {diff[:3]}); "
-                         f"resume with the same --train / --up-blocks / --lora-rank / --num-vectors")
+    if set(weights) != set(trainable) or any(weights[n].shape != p.shape for n, p in trainable.items()):
+        diff = sorted(set(weights) ^ set(trainable)) or [n for n, p in trainable.items()
+                                                          if weights[n].shape != p.shape]   # e.g. another rank
+        raise InputValueError(f"{path}: the checkpoint trains other tensors than this run (e.g. {diff[:3]}); "
+                              f"resume with the same --train / --up-blocks / --lora-preset / --lora-rank / "
+                              f"--lora-conv-rank / --num-vectors")
     with torch.no_grad():
         for n, p in trainable.items():
             p.copy_(weights[n])
@@ -123,7 +128,7 @@ def load_checkpoint(path: Path, trainable: dict, optimizer, scheduler, scaler, e
         scaler.load_state_dict(state["scaler"])
     if ema is not None:
         if not (path / "ema.safetensors").is_file():
-            raise ValueError(f"{path}: no EMA weights in this checkpoint, but --ema is on")
+            raise InputValueError(f"{path}: no EMA weights in this checkpoint, but --ema is on", field="ema")
         ema.load_state_dict({**state["ema"], "shadow": load_file(str(path / "ema.safetensors"))})
     set_rng_state(state["rng"])
     return state
@@ -132,18 +137,36 @@ def load_checkpoint(path: Path, trainable: dict, optimizer, scheduler, scaler, e
 # settings that change which samples, noises or updates a step sees: a resume must keep them to be exact
 RESUME_EXACT = ("seed", "batch_size", "grad_accum", "lr", "resolution", "lr_schedule", "warmup_steps",
                 "caption_dropout", "min_snr_gamma", "noise_offset", "center_crop", "random_flip", "weight_decay",
-                "mixed_precision", "optimizer", "ema_decay", "max_grad_norm")
+                "mixed_precision", "optimizer", "ema_decay", "max_grad_norm", "lcm_skip", "lcm_guidance_min",
+                "lcm_guidance_max", "lcm_loss", "lcm_huber_c", "lcm_ema_decay")
 # settings that change WHAT trains: a resume with another value cannot load the checkpoint's tensors
-RESUME_SAME = ("train", "up_blocks", "lora_rank", "lora_alpha", "lora_text_encoder", "placeholder_token",
-               "initializer_token", "num_vectors", "ema")
+RESUME_SAME = ("train", "up_blocks", "lora_preset", "lora_rank", "lora_alpha", "lora_conv_rank", "lora_conv_alpha",
+               "lora_text_encoder", "placeholder_token", "initializer_token", "num_vectors", "ema")
+
+
+def read_checkpoint_config(path: Path) -> dict:
+    """The settings a checkpoint was saved with (state.pt's "config"), read without loading its tensors: the file is
+    memory-mapped and only the small dict is touched, so a resume is checked before the model loads."""
+    try:
+        state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+        return dict(state["config"])
+    except (*UNREADABLE, pickle.UnpicklingError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}/state.pt: not a readable training checkpoint ({e}); delete this checkpoint "
+                              f"folder to resume from the one before, or start again in another --output") from None
 
 
 def check_resume_config(saved: dict, cfg, world: int, path: Path) -> None:
+    """A resume continues the run saved at `path`: what trains must be the same (RESUME_SAME: else the saved tensors
+    do not fit, an InputValueError names the field, its flag and both values); a change of what a step sees
+    (RESUME_EXACT) is allowed with a warning that lists them, since the run will not match an uninterrupted one."""
     for key in RESUME_SAME:
         if key not in saved:                          # a checkpoint from before the setting existed
             continue
         if saved.get(key) != getattr(cfg, key) and not (key == "up_blocks" and cfg.train != "last-up-blocks"):
-            raise ValueError(f"{path}: saved with {key}={saved.get(key)!r}, this run has {getattr(cfg, key)!r}")
+            flag = "--" + key.replace("_", "-")
+            raise InputValueError(f"--resume: {path} was saved with {key}={saved.get(key)!r}, this run has "
+                                  f"{key}={getattr(cfg, key)!r} ({flag}): resume with the same {flag}, or start "
+                                  f"a new run in another --output", field=key)
     changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_EXACT
                if saved.get(k) != getattr(cfg, k)]
     if saved.get("_world", world) != world:
@@ -155,4 +178,4 @@ def check_resume_config(saved: dict, cfg, world: int, path: Path) -> None:
 
 __all__ = ["CKPT_DIR", "rng_state", "set_rng_state", "seed_everything", "save_state", "load_state",
            "list_checkpoints", "remove_stale", "config_dict", "save_checkpoint", "load_checkpoint",
-           "RESUME_EXACT", "RESUME_SAME", "check_resume_config"]
+           "RESUME_EXACT", "RESUME_SAME", "read_checkpoint_config", "check_resume_config"]

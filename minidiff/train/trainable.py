@@ -2,8 +2,13 @@
 
   unet             every U-Net weight (the most capacity; the whole 3.4 GB U-Net is the result)
   last-up-blocks   the last N up-blocks of the U-Net, nearest the pixels (style and texture, less forgetting)
-  lora             low-rank adapters on the attention projections (minidiff.lora; Hu et al. 2021); with
-                   lora_text_encoder also on the text encoder's q/k/v/out projections
+  lora             low-rank adapters (minidiff.lora; Hu et al. 2021) where a LyCORIS preset puts them: the attention
+                   projections (attn-only), + the transformers' MLP and proj_in/out (attn-mlp), + the ResNet and
+                   sampling convolutions (full, LoCon); with lora_text_encoder also on the text encoder's
+                   attention (and MLP, but for attn-only)
+  lcm-lora         latent consistency distillation into a LoRA (consistency.py): LoRA where LCM-LoRA puts it,
+                   on every layer of the U-Net's transformers, its ResNets (convolutions, time_emb_proj) and its
+                   down/up-samplers (LCM_LORA_TARGETS; --lora-preset is --train lora's)
   textual-inversion  one new word (Gal et al. 2022): a placeholder token "<pika>" is added to the vocabulary and
                    only its embedding row(s) e* ∈ R^{n×d} train; the U-Net, VAE and every other weight of the text
                    encoder stay bit-identical. The concept must then be reachable by the frozen model from one (or n)
@@ -19,9 +24,16 @@ import copy
 import torch
 from torch import nn
 
+from ..errors import InputValueError
 from ..formats.embeddings import token_names
+from ..lora import UNET_RESNET_TARGETS, UNET_TARGETS
 
-TRAIN_MODES = ("unet", "last-up-blocks", "lora", "textual-inversion")
+TRAIN_MODES = ("unet", "last-up-blocks", "lora", "textual-inversion", "lcm-lora")
+
+# The layers LCM-LoRA trains (diffusers' train_lcm_distill_lora_sd_wds.py's default targets, the modules of the public
+# lcm-lora-sdv1-5): the transformers' attention, feed-forward and proj_in/out, the ResNets' convolutions, shortcuts
+# and time_emb_proj, the down/up-samplers — LyCORIS' "full" preset without conv_in / conv_out and the time embedding.
+LCM_LORA_TARGETS = UNET_TARGETS + UNET_RESNET_TARGETS
 
 
 class PlaceholderEmbedding(nn.Module):
@@ -51,14 +63,15 @@ def add_placeholder(pipe, token: str, initializer: str, num_vectors: int = 1) ->
     tok, te = pipe.tokenizer, pipe.text_encoder
     init_ids = tok.encode(initializer)[1:-1]                                  # drop <bos>, <eos>
     if len(init_ids) != 1:
-        raise ValueError(f"--initializer-token must be one token of the vocabulary; {initializer!r} is "
-                         f"{len(init_ids)} tokens {tok.convert_ids_to_tokens(init_ids)}: pick a single word")
+        raise InputValueError(f"--initializer-token must be one token of the vocabulary; {initializer!r} is "
+                              f"{len(init_ids)} tokens {tok.convert_ids_to_tokens(init_ids)}: pick a single word",
+                              field="initializer_token")
     names = token_names(token, num_vectors)              # diffusers' names: "<pika>", "<pika>_1", ...
     original = copy.deepcopy(tok)                        # the tokenizer the exported model keeps (without the word)
     try:
         ids = tok.add_tokens(names)
     except ValueError as e:
-        raise ValueError(f"--placeholder-token {token!r}: {e}") from None
+        raise InputValueError(f"--placeholder-token {token!r}: {e}", field="placeholder_token") from None
     base = te.embeddings.token_embedding
     init = base.weight[init_ids[0]].detach()[None].expand(num_vectors, -1)   # [n, d]
     layer = PlaceholderEmbedding(base, ids, init)
@@ -87,16 +100,21 @@ def select_trainable(pipe, cfg) -> dict:
     elif cfg.train == "last-up-blocks":
         n = len(unet.up_blocks)
         if not 1 <= cfg.up_blocks <= n:
-            raise ValueError(f"--up-blocks must be in 1..{n} (this U-Net has {n} up-blocks), got {cfg.up_blocks}")
+            raise InputValueError(f"--up-blocks must be in 1..{n} (this U-Net has {n} up-blocks), got "
+                                  f"{cfg.up_blocks}", field="up_blocks")
         for block in unet.up_blocks[n - cfg.up_blocks:]:   # the blocks nearest the output
             block.requires_grad_(True)
     elif cfg.train == "lora":
-        from ..lora import TEXT_ENCODER_TARGETS, inject_lora
-        inject_lora(unet, cfg.lora_rank, cfg.lora_alpha)
-        if cfg.lora_text_encoder:                        # CLIP's q/k/v/out projections and MLP too
-            inject_lora(te, cfg.lora_rank, cfg.lora_alpha, targets=TEXT_ENCODER_TARGETS)
+        from ..lora import LORA_PRESETS, inject_lora
+        preset = LORA_PRESETS[cfg.lora_preset]             # where LoRA goes (LyCORIS' presets, minidiff/lora.py)
+        inject_lora(unet, cfg.lora_rank, cfg.lora_alpha, preset.unet, cfg.lora_conv_rank, cfg.lora_conv_alpha)
+        if cfg.lora_text_encoder:                        # CLIP's projections too (attn-only: attention; else + MLP)
+            inject_lora(te, cfg.lora_rank, cfg.lora_alpha, targets=preset.text_encoder)
     elif cfg.train == "textual-inversion":
         add_placeholder(pipe, cfg.placeholder_token, cfg.initializer_token, cfg.num_vectors)
+    elif cfg.train == "lcm-lora":
+        from ..lora import inject_lora
+        inject_lora(unet, cfg.lora_rank, cfg.lora_alpha, targets=LCM_LORA_TARGETS)
     else:
         raise ValueError(f"train must be one of {TRAIN_MODES}, got {cfg.train!r}")
     out = {name: p for name, p in unet.named_parameters() if p.requires_grad}
@@ -108,5 +126,5 @@ def text_encoder_trains(trainable: dict) -> bool:
     return any(name.startswith("text_encoder.") for name in trainable)
 
 
-__all__ = ["TRAIN_MODES", "PlaceholderEmbedding", "add_placeholder",
+__all__ = ["TRAIN_MODES", "LCM_LORA_TARGETS", "PlaceholderEmbedding", "add_placeholder",
            "remove_placeholder", "select_trainable", "text_encoder_trains"]
