@@ -7,12 +7,15 @@
     python benchmarks/bench_gpu.py --placeholder        # measure nothing: append the table with 'not measured yet'
 
 Inference: 512×512, 50 PNDM steps, guidance 7.5, batch 1 (the U-Net runs batch 2: classifier-free guidance), the same
-prompt and seed for every row, in each dtype four variants:
+prompt and seed for every row, in each dtype five variants:
 
   diffusers                    StableDiffusionPipeline as its users run it by default (AttnProcessor2_0 = torch SDPA)
   diffusers + torch.compile    pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
-  minidiff                     StableDiffusion.generate's default kernels (minidiff.kernels: Triton on CUDA)
-  minidiff + compile           minidiff.speed.compile_pipeline (U-Net with CUDA graphs, VAE decoder, text encoder)
+  minidiff                     StableDiffusion.generate's default kernels (eager CUDA: PyTorch's own)
+  minidiff + compile           minidiff.speed.compile_pipeline (U-Net with CUDA graphs, VAE decoder, text encoder),
+                               our Triton ops inside (minidiff.kernels.compiled_triton_ops(): all four by default)
+  minidiff + compile (ref.)    the same with kernels.set_compiled_triton_ops("none"): the reference expressions,
+                               which inductor fuses into kernels of its own — does each Triton op of ours beat that?
 
 Both libraries read the very same weights: by default a diffusers pipeline with random weights is built from SD v1.4's
 published configs, saved to a temporary folder, and loaded from there by diffusers and by minidiff.load.
@@ -41,7 +44,7 @@ import torch  # noqa: E402  (after _common put the repo on sys.path)
 
 import bench_train  # noqa: E402
 import minidiff  # noqa: E402
-from minidiff import speed  # noqa: E402
+from minidiff import kernels, speed  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
 # the published SD v1.4 configs and the toy ones, in one place: the tests' random-weight fixtures
@@ -53,11 +56,14 @@ SEED = 0
 warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")  # newer diffusers say dtype=; older need this
 GUIDANCE = 7.5
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-VARIANTS = ["diffusers", "diffusers + torch.compile", "minidiff", "minidiff + compile"]
+VARIANTS = ["diffusers", "diffusers + torch.compile", "minidiff", "minidiff + compile",
+            "minidiff + compile (reference ops)"]
+COMPILED = {"diffusers + torch.compile", "minidiff + compile", "minidiff + compile (reference ops)"}
 LABELS = {"diffusers": "diffusers (SDPA processor, default)",
           "diffusers + torch.compile": "diffusers + torch.compile (reduce-overhead, fullgraph)",
           "minidiff": "**minidiff** (generate() default kernels)",
-          "minidiff + compile": "**minidiff + compile** (speed.compile_pipeline)"}
+          "minidiff + compile": "**minidiff + compile** (speed.compile_pipeline; our Triton ops)",
+          "minidiff + compile (reference ops)": "**minidiff + compile, reference ops** (inductor fuses them)"}
 TARGET_IT_S = 165                                     # one H100, 512², 50 PNDM steps, batch 1
 TARGET_SAMPLES_PER_S = bench_train.TARGET_SAMPLES_PER_S
 TARGET_PEAK_GIB = bench_train.TARGET_PEAK_GIB
@@ -140,7 +146,8 @@ def minidiff_call(pipe, steps, size):
 
 
 def measure(run, device, repeats: int) -> dict:
-    """One warm-up call, then `repeats` timed calls. -> it/s, s/image (medians), peak bytes, warm-up s, the image."""
+    """One warm-up call, then `repeats` timed calls (0: the warm-up only, to fill the compile caches: see
+    gpu_session.py). -> it/s, s/image (medians), peak bytes, warm-up s, the image."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     stamps = []
@@ -158,6 +165,9 @@ def measure(run, device, repeats: int) -> dict:
         return image, time.perf_counter() - t0
 
     image, warmup = timed()
+    if repeats == 0:
+        print(f"    warm-up {warmup:.1f}s (warm-only)", flush=True)
+        return dict(it_s=float("nan"), s_image=float("nan"), peak=None, warmup=warmup, image=image.float().cpu())
     its, secs = [], []
     with PeakMemory(device) as mem:
         for _ in range(repeats):
@@ -183,6 +193,8 @@ def run_variant(results: dict, name: str, make_run, device, repeats):
 def inference(args, device, model: Path, converted: dict) -> dict:
     """-> {dtype name: {variant: result}}; each library's pipeline is loaded, measured and freed in turn."""
     out = {}
+    wanted = args.variants.split(",") if args.variants else VARIANTS
+    repeats = 0 if args.warm_only else args.repeats
     for dname in args.dtypes.split(","):
         compile_ok = (device.type == "cuda" or args.compile_on_cpu) and (
             args.compile_dtypes is None or dname in args.compile_dtypes.split(","))
@@ -190,25 +202,38 @@ def inference(args, device, model: Path, converted: dict) -> dict:
         out[dname] = res
         print(f"{dname}:", flush=True)
 
-        pipe = load_diffusers(model, dtype, device, converted)
-        run_variant(res, "diffusers", lambda: diffusers_call(pipe, args.steps, args.size), device, args.repeats)
-        if compile_ok:
-            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
-            run_variant(res, "diffusers + torch.compile", lambda: diffusers_call(pipe, args.steps, args.size), device,
-                        args.repeats)
-        del pipe
-        free(device)
+        def want(name):
+            return name in wanted and (compile_ok or name not in COMPILED) and not (args.warm_only and
+                                                                                     name not in COMPILED)
+        if want("diffusers") or want("diffusers + torch.compile"):
+            pipe = load_diffusers(model, dtype, device, converted)
+            if want("diffusers"):
+                run_variant(res, "diffusers", lambda: diffusers_call(pipe, args.steps, args.size), device, repeats)
+            if want("diffusers + torch.compile"):
+                pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+                run_variant(res, "diffusers + torch.compile", lambda: diffusers_call(pipe, args.steps, args.size),
+                            device, repeats)
+            del pipe
+            free(device)
 
-        pipe = minidiff.load(model, device=device, dtype=dtype)
-        run_variant(res, "minidiff", lambda: minidiff_call(pipe, args.steps, args.size), device, args.repeats)
-        if compile_ok:
-            speed.compile_pipeline(pipe)
-            run_variant(res, "minidiff + compile", lambda: minidiff_call(pipe, args.steps, args.size), device,
-                        args.repeats)
-        del pipe
-        free(device)
+        if any(want(n) for n in VARIANTS if n.startswith("minidiff")):
+            pipe = minidiff.load(model, device=device, dtype=dtype)
+            if want("minidiff"):
+                run_variant(res, "minidiff", lambda: minidiff_call(pipe, args.steps, args.size), device, repeats)
+            for name, ops in (("minidiff + compile", "all"), ("minidiff + compile (reference ops)", "none")):
+                if want(name):
+                    torch._dynamo.reset()                      # retrace with this choice of ops
+                    kernels.set_compiled_triton_ops(ops)
+                    speed.compile_pipeline(pipe)
+                    try:
+                        run_variant(res, name, lambda: minidiff_call(pipe, args.steps, args.size), device, repeats)
+                    finally:
+                        kernels.set_compiled_triton_ops("all")
+            del pipe
+            free(device)
         for name in VARIANTS:
-            res.setdefault(name, dict(error="not run (--compile-dtypes)" if device.type == "cuda" else
+            res.setdefault(name, dict(error="not run (--variants)" if name not in wanted else
+                                      "not run (--compile-dtypes)" if device.type == "cuda" else
                                       "skipped on CPU (--compile-on-cpu)"))
     return out
 
@@ -262,17 +287,20 @@ def target_rows(inf: dict | None, train: dict | None, dtypes: list[str], judge: 
     if train is None or "error" in train:
         why = NOT_MEASURED if train is None else train["error"]
         sps = ck = plain = adam8 = (why, verdict(None) if train is None else "—")
-    else:
-        gib = {name: r["peak"] / 2 ** 30 for name, r in train["results"].items()}
-        best_name, best_sps = max(train["samples_per_s"].items(), key=lambda kv: kv[1])
-        stack = [v for v in train["results"] if v not in ("+ checkpointing", "+ 8-bit Adam")][-1]
+    else:   # bench_train's compare rows: "<library> <eager|compiled>[ + checkpointing]"
+        gib = {name: r["peak"] / 2 ** 30 for name, r in train["results"].items() if r["peak"] is not None}
+        mini = {k: v for k, v in train["samples_per_s"].items() if k.startswith("minidiff")}
+        best_name, best_sps = max(mini.items(), key=lambda kv: kv[1])
 
-        def peak(name, target=None):
-            if name not in gib:
+        def peak(names, target=None):
+            found = [(gib[n], n) for n in names if n in gib]
+            if not found:
                 return "not run", "—"
-            return f"{gib[name]:.2f}", "—" if target is None else verdict(gib[name] < target, judge)
+            g, n = min(found)
+            return f"{g:.2f} ({n})", "—" if target is None else verdict(g < target, judge)
         sps = f"{best_sps:.1f} ({best_name})", verdict(best_sps >= TARGET_SAMPLES_PER_S, judge)
-        ck, plain, adam8 = peak("+ checkpointing", TARGET_PEAK_GIB), peak(stack), peak("+ 8-bit Adam")
+        ck = peak(["minidiff compiled + checkpointing", "minidiff eager + checkpointing"], TARGET_PEAK_GIB)
+        plain, adam8 = peak(["minidiff compiled", "minidiff eager"]), ("not run", "—")
     rows += [[f"training ≥ {TARGET_SAMPLES_PER_S} samples/s (full U-Net, 512², best variant)", *sps],
              [f"training peak GiB with checkpointing < {TARGET_PEAK_GIB}", *ck],
              ["training peak GiB, full stack without checkpointing (AdamW)", *plain],
@@ -318,11 +346,8 @@ def notes_for(args, model_desc: str, cuda: bool = True) -> list[str]:
 def training(args) -> dict:
     """bench_train's rows (it appends its own section) -> {"results", "samples_per_s"} or {"error": why}."""
     argv = ["--device", args.device]
-    if args.smoke:  # a small U-Net, a few cheap variants: the wiring is what a smoke run checks
-        argv += ["--config", "small", "--steps", "2", "--batch", "2",
-                 "--variants", "baseline,+ cached latents,+ checkpointing"]
-    elif args.train_variants:
-        argv += ["--variants", args.train_variants]
+    if args.smoke:  # a small U-Net, eager rows: the wiring is what a smoke run checks
+        argv += ["--config", "tiny", "--steps", "2", "--batch", "2", "--libraries", "minidiff"]
     if args.no_append or args.smoke:
         argv.append("--no-append")
     print("training: bench_train.main(" + repr(argv) + ")", flush=True)
@@ -331,13 +356,17 @@ def training(args) -> dict:
     except Exception as e:  # noqa: BLE001  (keep the inference rows of a long run)
         traceback.print_exc()
         return {"error": f"failed: {type(e).__name__}"}
-    return {"results": results, "samples_per_s": {r[0]: float(r[2]) for r in rows}}
+    config = next(iter(results))
+    return {"results": results[config], "samples_per_s": {r[2]: float(r[4]) for r in rows if r[0] == config}}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None,
-                   help="an SD v1.4 diffusers folder or single file (default: random weights at full SD v1.4 size)")
+                   help="an SD v1.4 diffusers folder or single file (default: random weights at full SD v1.4 size, "
+                        "built into a temporary folder; `python benchmarks/bench_gpu.py --save-random DIR` keeps one)")
+    p.add_argument("--save-random", type=Path, default=None,
+                   help="only write the random-weight model folder to this path (--smoke: the toy one) and exit")
     p.add_argument("--device", default="cuda")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 512; --smoke: 32)")
     p.add_argument("--steps", type=int, default=50)
@@ -350,7 +379,9 @@ def main(argv=None):
     p.add_argument("--compile-on-cpu", action="store_true", help="run the compiled variants on the CPU too (slow)")
     p.add_argument("--compile-dtypes", default=None,
                    help="comma-separated dtypes that get the compiled variants (default: all; compiling takes minutes)")
-    p.add_argument("--train-variants", default=None, help="bench_train's --variants (default: all of them)")
+    p.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--warm-only", action="store_true",
+                   help="only the compiled variants' first calls (fills inductor's caches; appends nothing)")
     p.add_argument("--placeholder", action="store_true",
                    help="measure nothing; append the section with every number 'not measured yet'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -359,6 +390,12 @@ def main(argv=None):
     args.size = args.size or (32 if args.smoke else 512)
     dtypes = args.dtypes.split(",")
     title = "GPU: SD v1.4 at 512², minidiff vs diffusers (inference it/s, s/image, memory) and training"
+
+    if args.save_random:
+        if not (args.save_random / "model_index.json").is_file():
+            random_model_folder(args.save_random, args.smoke)
+        print(args.save_random)
+        return
 
     if args.placeholder:
         notes = [f"not measured yet: no CUDA GPU on the machine that wrote this section (the machine and versions "
@@ -393,6 +430,9 @@ def main(argv=None):
         inf = inference(args, device, model, converted)
         if "folder" in converted:
             model_desc += " (diffusers read minidiff's conversion of it: from_single_file failed)"
+    if args.warm_only:
+        print("(--warm-only: the compiled variants' first calls ran; nothing measured, nothing appended)")
+        return
     train = {"error": "not run (--no-train)"} if args.no_train else training(args)
 
     cuda = device.type == "cuda"

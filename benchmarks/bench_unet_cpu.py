@@ -26,8 +26,9 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from pathlib import Path
 
-from _common import PeakMemory, append_section, interleaved, isa_summary, load_average, md_table, median
+from _common import REPO, PeakMemory, append_section, interleaved, isa_summary, load_average, md_table, median
 
 import torch  # noqa: E402  (after _common put the repo on sys.path)
 
@@ -89,17 +90,29 @@ class _Sample(torch.nn.Module):
         return self.unet(x, t, c).sample
 
 
-def openvino_model(sd32: dict, cfg: UNetConfig, inputs32):
-    """diffusers' U-Net with the fp32 weights, converted to OpenVINO's model in memory; None without openvino."""
+def openvino_model(sd32: dict, cfg: UNetConfig, inputs32, cache=None):
+    """diffusers' U-Net with the fp32 weights, converted to OpenVINO's model; None without openvino.
+    cache: a folder for the converted model (unet.xml + .bin, fp32: compress_to_fp16=False), read instead of converting
+    again when it is there (converting traces the whole U-Net: 5-20 minutes on 2 busy cores). The weights are the same
+    in every run (torch.manual_seed(0)), so the cached conversion is the same model."""
     try:
         import openvino as ov
     except ImportError:
         print("openvino is not installed (pip install openvino): no OpenVINO rows", flush=True)
         return None
     t0 = time.perf_counter()
+    xml = Path(cache) / f"unet-seed0-ov{ov.__version__.split('-')[0]}.xml" if cache else None
+    if xml is not None and xml.is_file():
+        model = ov.Core().read_model(str(xml))
+        print(f"openvino {ov.__version__}: read the converted model {xml} ({time.perf_counter() - t0:.0f}s)",
+              flush=True)
+        return model
     with torch.no_grad():
         model = ov.convert_model(_Sample(diffusers_unet(sd32, cfg)), example_input=inputs32)
     print(f"openvino {ov.__version__}: convert_model {time.perf_counter() - t0:.0f}s", flush=True)
+    if xml is not None:
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(model, str(xml), compress_to_fp16=False)
     return model
 
 
@@ -193,6 +206,163 @@ def verdicts(ratios: dict) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ profiling
+# torch.profiler's op names -> what the step spends its time on (self time: a custom op's children are counted once).
+# (category, substrings of the name, exact names), first match wins
+CATEGORIES = [
+    ("attention", ("scaled_dot_product", "flash_attention", "softmax", "bmm"), ()),
+    ("matmul / conv", ("linear", "conv", "addmm", "matmul", "mkldnn", "onednn"), ("mm",)),
+    ("GroupNorm", ("group_norm",), ()),
+    ("LayerNorm", ("layer_norm",), ()),
+    ("dtype / layout copies", ("copy", "contiguous", "clone", "permute", "transpose", "view", "reshape", "as_strided",
+                               "expand"), ("to",)),
+    ("elementwise", ("silu", "gelu", "sigmoid", "rsqrt"),
+     ("add", "add_", "mul", "mul_", "sub", "div", "cat", "exp", "cos", "sin", "neg", "pow", "chunk", "split",
+      "fill_", "zero_", "where", "arange", "slice", "select", "baddbmm")),
+]
+
+
+def category(op: str) -> str:
+    name = op.split("::")[-1]
+    for cat, parts, exact in CATEGORIES:
+        if name in exact or any(k in name for k in parts):
+            return cat
+    return "other"
+
+
+def profile_step(model, inputs) -> tuple[dict, dict, float]:
+    """One call under torch.profiler -> ({category: self s}, {op: (self s, calls)}, wall s)."""
+    from torch.profiler import ProfilerActivity, profile
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            call(model, *inputs)
+        wall = time.perf_counter() - t0
+    cats, ops = {}, {}
+    for e in prof.key_averages():
+        s = e.self_cpu_time_total / 1e6
+        if s > 0:
+            cats[category(e.key)] = cats.get(category(e.key), 0.0) + s
+            ops[e.key] = (s, e.count)
+    return cats, ops, wall
+
+
+# OpenVINO's node types (its CPU plugin's profiling info) -> the same categories
+OV_CATEGORIES = {"attention": ("ScaledDotProductAttention", "Softmax", "SDPA"),
+                 "matmul / conv": ("Convolution", "MatMul", "FullyConnected", "GroupConvolution", "Deconvolution"),
+                 "GroupNorm": ("GroupNormalization",), "LayerNorm": ("MVN", "NormalizeL2", "LayerNorm"),
+                 "dtype / layout copies": ("Reorder", "Convert", "Transpose", "Reshape", "Broadcast", "Gather",
+                                           "StridedSlice", "Split", "VariadicSplit", "Concat"),
+                 "elementwise": ("Eltwise", "Add", "Multiply", "Subtract", "Divide", "Swish", "Gelu", "Sigmoid",
+                                 "Interpolate", "Power", "Exp", "Sin", "Cos")}
+
+
+def openvino_profile(ov_model, hint: str, inputs, rounds: int) -> tuple[dict, dict, float]:
+    """OpenVINO's own per-node timings (PERF_COUNT), summed per category, medians over rounds."""
+    import openvino as ov
+    compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": "YES"})
+    request = compiled.create_infer_request()
+    feed = [inputs[0].float().numpy(), inputs[1].numpy(), inputs[2].float().numpy()]
+    request.infer(feed)                                            # warm-up
+    runs = []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        request.infer(feed)
+        wall = time.perf_counter() - t0
+        cats, ops = {}, {}
+        for info in request.get_profiling_info():
+            sec = info.real_time.total_seconds()
+            kind = next((c for c, types in OV_CATEGORIES.items() if info.node_type in types), "other")
+            cats[kind] = cats.get(kind, 0.0) + sec
+            key = f"{info.node_type} ({info.exec_type})"
+            ops[key] = (ops.get(key, (0.0, 0))[0] + sec, ops.get(key, (0.0, 0))[1] + 1)
+        runs.append((cats, ops, wall))
+        print(f"  round {r + 1}: OpenVINO {wall:.2f} s", flush=True)
+    cats = {c: median([r[0].get(c, 0.0) for r in runs]) for c in {c for r in runs for c in r[0]}}
+    ops = {o: (median([r[1].get(o, (0.0, 0))[0] for r in runs]), runs[0][1].get(o, (0, 0))[1])
+           for o in {o for r in runs for o in r[1]}}
+    return cats, ops, median([r[2] for r in runs])
+
+
+def profile_rounds(models: dict, inputs, rounds: int) -> dict:
+    """Each model profiled once per round, round-robin, after one warm-up call each (oneDNN's packing, first-call
+    work) -> {name: (median {category: s}, median {op: (s, calls)}, median wall s)}. Medians over rounds: on a shared
+    2-core machine a thread descheduled at one of the ~600 parallel regions of a step stalls that op, so single
+    profiles of the small ops (norms, elementwise) are inflated at random; the median of a few rounds is not."""
+    with torch.inference_mode():
+        for m in models.values():
+            call(m, *inputs)
+    runs = {name: [] for name in models}
+    for r in range(rounds):
+        for name, m in models.items():
+            runs[name].append(profile_step(m, inputs))
+            print(f"  round {r + 1}: {name} {runs[name][-1][2]:.2f} s under the profiler", flush=True)
+    out = {}
+    for name, rs in runs.items():
+        cats = {c: median([r[0].get(c, 0.0) for r in rs]) for c in {c for r in rs for c in r[0]}}
+        ops = {o: (median([r[1].get(o, (0.0, 0))[0] for r in rs]), rs[0][1].get(o, (0, 0))[1])
+               for o in {o for r in rs for o in r[1]}}
+        out[name] = (cats, ops, median([r[2] for r in rs]))
+    return out
+
+
+def profile_main(args):
+    """--profile: where one guided step's time goes, minidiff beside diffusers, in each dtype of --dtypes."""
+    cfg = UNetConfig()
+    torch.manual_seed(0)
+    master = UNet(cfg).state_dict()
+    g = torch.Generator().manual_seed(0)
+    x32, c32, t = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([500, 500])
+    load_before = load_average()
+    tables, notes = [], []
+    ov_model = None if args.no_openvino else openvino_model(
+        master, cfg, (x32, t, c32), REPO / args.openvino_cache if args.openvino_cache else None)
+    for dname in args.dtypes.split(","):
+        dtype = DTYPES[dname]
+        sd = {k: v.to(dtype) for k, v in master.items()}
+        models = build_models(sd, cfg, extra=False)
+        inputs = (x32.to(dtype), t, c32.to(dtype))
+        print(f"{dname}:", flush=True)
+        res = profile_rounds({n: models[n] for n in ("minidiff", "diffusers")}, inputs, args.n)
+        if ov_model is not None:
+            res["OpenVINO"] = openvino_profile(ov_model, OV_HINTS[dname], inputs, args.n)
+        names = list(res)
+        cats = [c for c, _, _ in CATEGORIES] + ["other"]
+        rows = []
+        for c in cats:
+            cells = []
+            for name in names:
+                total = sum(res[name][0].values())
+                v = res[name][0].get(c, 0.0)
+                cells += [f"{v:.2f}", f"{100 * v / total:.0f}%"]
+            rows.append([dname, c, *cells])
+        rows.append([dname, "**total**", *[x for n in names for x in (f"{sum(res[n][0].values()):.2f}", "100%")]])
+        rows.append([dname, "wall time of the profiled call", *[x for n in names for x in (f"{res[n][2]:.2f}", "")]])
+        tables.append(md_table(["dtype", "category", *[x for n in names for x in (f"{n} s", "share")]], rows))
+        for name in names:
+            top = sorted(((n, s, c) for n, (s, c) in res[name][1].items()), key=lambda o: -o[1])[:10]
+            cat = category if name != "OpenVINO" else (lambda n: next(
+                (c for c, types in OV_CATEGORIES.items() if n.split(" (")[0] in types), "other"))
+            tables.append(md_table(["dtype", f"{name}'s top ops", "s", "calls", "category"],
+                                   [[dname, f"`{n}`", f"{s:.3f}", c, cat(n)] for n, s, c in top]))
+        del models, sd
+        gc.collect()
+    table = "\n\n".join(tables)
+    print("\n" + table)
+    notes += [
+        "one guided step (batch 2, 64×64×4 latents, 77×768 context), full SD v1.4 U-Net with random weights; each "
+        f"model called once to warm up, then profiled (torch.profiler, CPU activities) in {args.n} interleaved "
+        "rounds; self time per op summed per category by the op's name (bench_unet_cpu.py CATEGORIES; a custom "
+        "op's children are counted once); medians over the rounds",
+        "OpenVINO: its CPU plugin's own per-node timings (PERF_COUNT, real time) of the converted diffusers U-Net "
+        "(bench_unet_cpu.py OV_CATEGORIES maps node types to the categories; fused nodes count where their main op is)"
+        if ov_model is not None else "OpenVINO: not profiled (not installed, or --no-openvino)",
+        "the profiler's own overhead and the machine's load inflate the seconds; the shares are what to read",
+    ]
+    if not args.no_append:
+        append_section("CPU profile: where one guided SD v1.4 U-Net step spends its time", table, notes, load_before)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=5, help="timed rounds per variant (median reported)")
@@ -202,11 +372,18 @@ def main(argv=None):
     p.add_argument("--extra-rows", action="store_true",
                    help="also diffusers + channels_last and minidiff's reference modules")
     p.add_argument("--no-openvino", action="store_true", help="leave out the OpenVINO rows (used when installed)")
+    p.add_argument("--openvino-cache", default="runs/openvino", help="folder for the converted OpenVINO model, reused "
+                                                                     "by later runs ('' = convert every time)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: one step of minidiff and diffusers under torch.profiler, per dtype: the "
+                        "share of attention, GroupNorm, elementwise ops, the matmuls and convolutions")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        return profile_main(args)
     load_before = load_average()
     print(f"CPU: {isa_summary()}; torch threads {torch.get_num_threads()}; load average {load_before}", flush=True)
     cfg = UNetConfig()  # SD v1.4
@@ -218,7 +395,8 @@ def main(argv=None):
     c32 = torch.randn(2, 77, 768, generator=g)
     t = torch.tensor([500, 500])
     dtypes = args.dtypes.split(",")
-    ov_model = None if args.no_openvino else openvino_model(master, cfg, (x32, t, c32))
+    ov_cache = REPO / args.openvino_cache if args.openvino_cache else None
+    ov_model = None if args.no_openvino else openvino_model(master, cfg, (x32, t, c32), ov_cache)
     ref32 = None   # diffusers' fp32 output: every row is compared with it too
     if "fp32" not in dtypes:
         with torch.inference_mode():

@@ -52,9 +52,12 @@ class EMA:
     def update(self, params) -> None:
         """θ_ema ← θ_ema − (1 − d_n)(θ_ema − θ) for every parameter."""
         d = self.current_decay()
-        for name, p in self._named(params).items():
-            s = self.shadow[name]
-            s.sub_((s - p.detach().to(s.device, s.dtype)) * (1.0 - d))
+        named = self._named(params)
+        shadow = [self.shadow[name] for name in named]
+        current = [p.detach().to(s.device, s.dtype) for s, p in zip(shadow, named.values())]
+        # θ_ema + (1 − d)(θ − θ_ema), the same update written as a lerp: in place and for all tensors at once (a few
+        # kernel launches instead of three per tensor: ~2,000 for the SD U-Net, each costing the GPU a few µs)
+        torch._foreach_lerp_(shadow, current, 1.0 - d)
         self.num_updates += 1
 
     @torch.no_grad()

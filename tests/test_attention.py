@@ -164,3 +164,36 @@ def test_sinusoidal_positions_formula():
     sin_p, cos_p = pe[:-k, 0::2].double(), pe[:-k, 1::2].double()
     torch.testing.assert_close(pe[k:, 0::2].double(), sin_p * c + cos_p * s, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(pe[k:, 1::2].double(), cos_p * c - sin_p * s, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_cpu_attention_by_onednn_matmuls_equals_sdpa(dtype):
+    """CPU inference on long sequences (≥ kernels.onednn.ATTENTION_MIN_TOKENS queries) runs attention as oneDNN matmuls
+    in blocks of queries (faster there: benchmarks/attention_cpu.py), with fp32 scores like the fused kernel.
+
+    The bound, against float64 on the same (already rounded) inputs: a logit x = q·k/√d summed in fp32 is off by
+    ≲ d·u₃₂·|x|ₘₐₓ (u₃₂ = 2⁻²⁴); exp turns that into the same relative error of each probability, so the output (a
+    convex mix of v) moves by ≤ d·u₃₂·|x|ₘₐₓ·|v|ₘₐₓ. bf16 then rounds the output once: + 2⁻⁸·|out|ₘₐₓ."""
+    from minidiff import kernels
+    from minidiff.kernels import onednn
+    if not onednn.AVAILABLE:
+        pytest.skip("no oneDNN in this torch build")
+    L, d = onednn.ATTENTION_MIN_TOKENS, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = ((torch.randn(1, 2, L, d, generator=g) * 2).to(dtype) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    logits = q.double() @ k.double().transpose(-1, -2) / d ** 0.5
+    tol = d * 2.0 ** -24 * float(logits.abs().max()) * float(v.double().abs().max())
+    if dtype == torch.bfloat16:
+        tol += 2.0 ** -8 * float(ref.abs().max())
+    with torch.no_grad():
+        assert onednn.attention_applies(q, k, v, None, False)
+        out = attention(q, k, v)                                        # the chapter's function, default impl
+    assert out.dtype == dtype and out.shape == q.shape
+    assert float((out.double() - ref).abs().max()) < tol
+    # what does not take the path: a mask, a shorter sequence, a gradient, the reference backend
+    assert not onednn.attention_applies(q, k, v, torch.ones(L, L, dtype=torch.bool), False)
+    assert not onednn.attention_applies(q[:, :, :L // 2], k[:, :, :L // 2], v, None, False)
+    assert not onednn.attention_applies(q.requires_grad_(), k, v, None, False)
+    with kernels.use("reference"), torch.no_grad():                     # torch's fused kernel, the same bound
+        assert float((attention(q.detach(), k, v).double() - ref).abs().max()) < tol

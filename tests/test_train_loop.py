@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from minidiff.train import loop
 from test_finetune import cfg_for, tiny  # noqa: F401  (tiny is a fixture)
@@ -48,8 +49,8 @@ def test_finetune_tiny_recipe_and_benchmark_run_the_same_train_step(counted, tin
                                heads=2, cross_attention_dim=8, norm_num_groups=4),
                vae=VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4), latent=4, context=8,
                batch=2)
-    images, context, latents, vae = bench_train.data(cfg, torch.device("cpu"))
-    trainer = bench_train.Trainer(cfg, torch.device("cpu"), {"baseline"}, images, context, latents, vae)
+    cpu = torch.device("cpu")
+    trainer = bench_train.Trainer(cfg, cpu, {"baseline"}, bench_train.make_data(cfg, cpu))
     assert math.isfinite(float(trainer.step()))
     assert counted[5:] == ["bench_train"]
 
@@ -81,3 +82,42 @@ def test_accumulation_clipping_and_the_nan_guard():
         loop.train_step([[0]], lambda rows: loss_fn(rows) * float("nan"), opt, [w], step=7,
                         last_checkpoint="ckpt-5")
     assert torch.equal(w.detach(), w2) and w.grad is None
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the calls that copy a tensor's value to the host (on a GPU each one waits for the queued work)."""
+    READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_host_sync_per_step():
+    """Loss, gradient norm and a logged tensor of two micro-batches, clipping and EMA: one read of the device per
+    step."""
+    from minidiff.ema import EMA
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW(params.values(), lr=1e-2, fused=True)
+    ema = EMA(params, decay=0.9)
+    x = torch.randn(4, 3)
+
+    def loss_fn(rows):
+        y = model(x[rows])
+        return (y ** 2).mean(), {"mean_abs": y.abs().mean(), "rows": len(rows)}
+
+    for _ in range(2):
+        with HostReads() as counted:
+            r = loop.train_step([[0, 1], [2, 3]], loss_fn, opt, list(params.values()), ema=ema, ema_params=params,
+                                max_grad_norm=1.0)
+        assert counted.reads == ["tolist"], counted.reads
+        assert set(r.logs) == {"mean_abs", "rows"} and r.logs["rows"] == 2.0 and r.grad_norm > 0
+        assert all(type(v) is float for v in (r.loss, r.grad_norm, *r.logs.values()))

@@ -101,7 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="recompute U-Net block activations in the backward pass (less memory, ~1/3 more compute)")
     opt("--cache-latents", action=argparse.BooleanOptionalAction,
         help="encode the dataset once with the frozen VAE (both flips with --random-flip)")
-    opt("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the U-Net")
+    opt("--compile", action=argparse.BooleanOptionalAction,
+        help="compile the U-Net's forward and backward (torch.compile, inductor; CUDA graphs on one GPU "
+             "with --grad-accum 1)")
     g = parser.add_argument_group("augmentation")
     crop = g.add_mutually_exclusive_group()
     crop.add_argument("--center-crop", dest="center_crop", action="store_true", default=S,

@@ -10,7 +10,8 @@ code) call these functions; nothing ever swaps a module's class or rewrites a us
 and `pick` chooses one per call from the tensors it is given:
 
     backend "reference" (`use("reference")`, `StableDiffusion.fast = False`)         -> reference
-    a CUDA tensor inside torch.compile, Triton installed (or backend "triton")     -> triton (inference and training)
+    a CUDA tensor inside torch.compile, Triton installed, the op in               -> triton (inference and training)
+      compiled_triton_ops() (or backend "triton")
     a CPU tensor, fp32/bf16, nothing that needs a gradient, oneDNN present        -> onednn   (bf16: AVX-512 CPUs)
     anything else (eager CUDA, CPU training, fp16 on the CPU, ...)                 -> reference
 
@@ -20,9 +21,15 @@ for PyTorch's kernels, so the eager U-Net step was 1.7× slower on them. Inside 
 (inductor calls the kernels directly, and CUDA graphs replay them), and the fused GroupNorm+SiLU, GEGLU and epilogue
 kernels save passes over memory; `use("triton")` forces them in eager code too.
 
+Under torch.compile an op of ours has a rival: inductor writes its own fused kernel from the reference expression.
+A Triton op is kept only where it beats that; `set_compiled_triton_ops` names the ops torch.compile takes from us
+(the others take the reference expression and inductor fuses it), and benchmarks/gpu_session.sh measures both ways.
+Until a GPU run has measured them (docs/benchmarks.md) all four stay on.
+
 All three compute the same function; the differences are rounding (tests/test_kernels.py states the tolerance per
-dtype). Attention is the one hot operation that lives in its chapter (minidiff.nn.attention.attention, with its own
-switch `set_attention_impl`): torch's fused SDPA kernel is the fast path there.
+dtype). Attention lives in its chapter (minidiff.nn.attention.attention, with its own switch `set_attention_impl`):
+torch's fused SDPA kernel is its fast path, except for long sequences in CPU inference, where `attention` below runs
+it as oneDNN matmuls (faster there: kernels/onednn.py).
 
     from minidiff import kernels
     with kernels.use("reference"):   # run the chapters' expressions exactly
@@ -46,6 +53,8 @@ except ImportError:   # the Triton file is optional; without triton installed it
 
 BACKENDS = ("auto", "reference", "triton")
 _backend = "auto"
+TRITON_OPS = ("group_norm", "layer_norm", "geglu", "bias_act_residual")   # our Triton ops, by the name pick() gets
+_compiled_triton = frozenset(TRITON_OPS)   # those torch.compile takes on CUDA (see set_compiled_triton_ops)
 
 
 def set_backend(name: str) -> None:
@@ -72,13 +81,31 @@ def use(name: str):
         set_backend(old)
 
 
-def pick(x, weight=None) -> str:
-    """The implementation a call on input x (and weight) runs: "reference" | "onednn" | "triton"."""
+def set_compiled_triton_ops(ops) -> None:
+    """Which of our Triton ops torch.compile takes on CUDA: "all", "none", or names from TRITON_OPS; the others take
+    the reference expression there, which inductor fuses into a kernel of its own. Set it before compiling (a graph
+    already compiled keeps the ops it was traced with: torch._dynamo.reset() drops it). Eager code is not affected."""
+    global _compiled_triton
+    names = TRITON_OPS if ops == "all" else () if ops == "none" else tuple(ops)
+    unknown = sorted(set(names) - set(TRITON_OPS))
+    if unknown:
+        raise ValueError(f"unknown Triton op(s) {unknown}; choose from {TRITON_OPS}, 'all' or 'none'")
+    _compiled_triton = frozenset(names)
+
+
+def compiled_triton_ops() -> tuple:
+    """The Triton ops torch.compile takes on CUDA (set_compiled_triton_ops), in TRITON_OPS order."""
+    return tuple(op for op in TRITON_OPS if op in _compiled_triton)
+
+
+def pick(x, weight=None, op: str | None = None) -> str:
+    """The implementation a call on input x (and weight) runs: "reference" | "onednn" | "triton".
+    op: the operation's name in TRITON_OPS, for the per-op choice under torch.compile (set_compiled_triton_ops)."""
     if _backend == "reference":
         return "reference"
     if x.is_cuda:
-        use_triton = _backend == "triton" or torch.compiler.is_compiling()
-        return "triton" if TRITON and use_triton else "reference"
+        compiled = torch.compiler.is_compiling() and (op is None or op in _compiled_triton)
+        return "triton" if TRITON and (_backend == "triton" or compiled) else "reference"
     if onednn.applies(x, x if weight is None else weight):
         return "onednn"
     return "reference"
@@ -88,7 +115,7 @@ def pick(x, weight=None) -> str:
 def linear(x, weight, bias=None, *, gelu: bool = False, mul=None, add=None):
     """y = x Wᵀ + b, then at most one epilogue: GELU(y) | y ⊙ mul | add + y (a residual, added inside the matmul).
     x [..., in], weight [out, in], bias [out] | None, mul / add [..., out] -> [..., out]."""
-    impl = pick(x, weight)
+    impl = pick(x, weight, "bias_act_residual")
     if impl == "onednn":
         return onednn.linear(x, weight, bias, gelu=gelu, mul=mul, add=add)
     if impl == "triton" and (gelu or add is not None) and mul is None:
@@ -99,7 +126,7 @@ def linear(x, weight, bias=None, *, gelu: bool = False, mul=None, add=None):
 
 def geglu(x, weight, bias):
     """(x W + b) ⊙ GELU(x V + c) with [W; V] = weight, [b; c] = bias. x [..., in] -> [..., out/2]."""
-    impl = pick(x, weight)
+    impl = pick(x, weight, "geglu")
     if impl == "onednn":   # two matmuls, the GELU and the ⊙ in their epilogues
         n = weight.shape[0] // 2
         gate = onednn.linear(x, weight[n:], bias[n:], gelu=True)          # GELU(x V + c)    [..., n]
@@ -120,7 +147,7 @@ def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
 
 def group_norm(x, weight, bias, num_groups: int, eps: float, silu: bool = False):
     """GroupNorm over groups of channels (then SiLU when `silu`). x [B, C, *spatial] -> same shape."""
-    if pick(x, weight) == "triton":
+    if pick(x, weight, "group_norm") == "triton":
         return _triton.group_norm(x, weight, bias, num_groups, eps, silu)
     if weight is not None and weight.requires_grad and not x.requires_grad and not x.is_contiguous():
         # torch 2.13's CPU GroupNorm backward crashes (segfault) for a channels-last input that needs no gradient
@@ -131,9 +158,19 @@ def group_norm(x, weight, bias, num_groups: int, eps: float, silu: bool = False)
 
 def layer_norm(x, weight, bias, eps: float):
     """LayerNorm over the last dimension. x [..., d] -> [..., d]."""
-    if pick(x, weight) == "triton":
+    if pick(x, weight, "layer_norm") == "triton":
         return _triton.layer_norm(x, weight, bias, eps)
     return reference.layer_norm(x, weight, bias, eps)
+
+
+def attention(q, k, v, mask=None, causal: bool = False):
+    """softmax(QKᵀ/√d + mask) V by the fastest kernel for the call: q [B, h, L, d], k, v [B, h, S, d] -> [B, h, L, d].
+    torch's fused SDPA kernel (flash / memory-efficient), or on the CPU at inference for long sequences oneDNN's
+    matmuls (onednn.attention)."""
+    if _backend != "reference" and not torch.compiler.is_compiling() and onednn.attention_applies(q, k, v, mask,
+                                                                                                   causal):
+        return onednn.attention(q, k, v)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 # ------------------------------------------------------------------------------------------------ stacked weights
@@ -169,5 +206,6 @@ def stacked(*layers) -> tuple:
     return entry[1], entry[2]
 
 
-__all__ = ["linear", "geglu", "conv2d", "group_norm", "layer_norm", "can_stack", "stacked", "pick", "use",
-           "set_backend", "get_backend", "BACKENDS", "TRITON"]
+__all__ = ["linear", "geglu", "conv2d", "group_norm", "layer_norm", "attention", "can_stack", "stacked", "pick", "use",
+           "set_backend", "get_backend", "set_compiled_triton_ops", "compiled_triton_ops", "BACKENDS", "TRITON",
+           "TRITON_OPS"]

@@ -72,7 +72,7 @@ def attention(q, k, v, mask=None, causal: bool = False, impl: str | None = None,
         if causal and mask is not None:  # SDPA takes one or the other: fold causality into the mask
             mask = _merge_causal(mask, q.shape[-2], k.shape[-2], q.device, q.dtype)
             causal = False
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return kernels.attention(q, k, v, mask, causal)   # torch's fused kernel (oneDNN's matmuls for long CPU ones)
     if impl != "naive":
         raise ValueError(f"attention impl must be 'naive' or 'sdpa', got {impl!r}")
     return attention_probs(q, k, mask, causal) @ v  # [B, h, L, S] @ [B, h, S, d] -> [B, h, L, d]

@@ -109,7 +109,7 @@ class FinetuneConfig:
     mixed_precision: str = "no"                 # "no" | "bf16" | "fp16" (autocast; fp16 with loss scaling)
     gradient_checkpointing: bool = False
     cache_latents: bool = False
-    compile: bool = False
+    compile: bool = False                       # the U-Net's forward + backward compiled (loop.compile_for_training)
     device: str | None = None                   # None: cuda:<local rank> when CUDA is there, else cpu
     num_workers: int = 0                        # DataLoader worker processes for image loading
     # augmentation
@@ -441,7 +441,8 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
         lcm_sched = consistency.lcm_scheduler(pipe.scheduler_config, cfg.lcm_skip)   # sampler (validation, export)
         pipe.scheduler_config = consistency.lcm_scheduler_config(pipe.scheduler_config, cfg.lcm_skip)
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
-    alphas_cumprod = noise_sched.alphas_cumprod.to(device)
+    alphas_cumprod = noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(device)   # ᾱ_t [T], on the device
+    # once: add_noise would otherwise copy it from the host every micro-step (on CUDA a copy that waits for the GPU)
     unet = pipe.unet
     trainable = select_trainable(pipe, cfg)
     text_trains = text_encoder_trains(trainable)
@@ -502,8 +503,8 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
     if ctx.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
-    if cfg.compile:
-        model = torch.compile(model)
+    if cfg.compile:   # forward + backward compiled; CUDA graphs only for one process and one micro-batch per step
+        model = loop.compile_for_training(model, device, cuda_graphs=ctx.world == 1 and cfg.grad_accum == 1)
     end = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, start + cfg.max_steps_this_run)
     read = list(positions(start, end, cfg.batch_size, cfg.grad_accum, ctx.rank, ctx.world))
     loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate, sampler=read,

@@ -55,10 +55,15 @@ def clean_latents(batch, pipe, device) -> torch.Tensor:
     from cached moments or by encoding the pixels (in fp32, no autocast). -> [B, C, h, w]."""
     from ..vae import DiagonalGaussian
     if "moments" in batch:                                   # cached: the VAE posterior's moments
-        posterior = DiagonalGaussian(batch["moments"].to(device))
+        posterior = DiagonalGaussian(_put(batch["moments"], device))
     else:
-        posterior = pipe.vae.encode(batch["pixel_values"].to(device))
-    return (posterior.mean + posterior.std * batch["posterior_eps"].to(device)) * pipe.latent_scale
+        posterior = pipe.vae.encode(_put(batch["pixel_values"], device))
+    return (posterior.mean + posterior.std * _put(batch["posterior_eps"], device)) * pipe.latent_scale
+
+
+def _put(x, device):
+    """Host -> device without waiting for the GPU (the DataLoader pins host memory on CUDA)."""
+    return x.to(device, non_blocking=True)
 
 
 def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_type, device, autocast,
@@ -68,15 +73,17 @@ def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_
     batch: data.collate's dict; model(z_t, t, context) is the U-Net (or its DDP / compiled wrapper); noise_offset o
     and min_snr_gamma γ: the tweaks of the module docstring (0 / None: off). The frozen VAE runs in fp32 without
     gradients; the text encoder runs with gradients only when part of it trains (LoRA on it, textual inversion)."""
+    def put(x):
+        return _put(x, device)
     with torch.no_grad():
         z0 = clean_latents(batch, pipe, device)                                    # [B, C, h, w], unit variance
-        noise = batch["noise"].to(device)                                          # ε [B, C, h, w]
+        noise = put(batch["noise"])                                                # ε [B, C, h, w]
         if noise_offset:
-            noise = noise + noise_offset * batch["offset"].to(device)              # + o · δ [B, C, 1, 1]
-        t = batch["t"].to(device)                                                  # [B]
+            noise = noise + noise_offset * put(batch["offset"])                    # + o · δ [B, C, 1, 1]
+        t = put(batch["t"])                                                        # [B]
         zt = noise_sched.add_noise(z0, noise, t)                                   # √ᾱ z₀ + √(1−ᾱ) ε
         texts = [pipe.tokenizer.expand_multi_vector(t) for t in batch["text"]]     # "<w>" -> "<w> <w>_1 ..." (TI)
-        ids = pipe.tokenizer(texts).to(device)                                     # [B, 77]; "" when dropped
+        ids = put(pipe.tokenizer(texts))                                           # [B, 77]; "" when dropped
         target = noise_sched.get_velocity(z0, noise, t) if prediction_type == "v_prediction" else noise
     with (nullcontext() if text_trains else torch.no_grad()), autocast():
         context = pipe.text_encoder(ids)                                           # [B, 77, d]

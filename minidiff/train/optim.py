@@ -54,13 +54,25 @@ def check_optimizer(kind: str, device: torch.device) -> None:
 
 def make_optimizer(params: list, lr: float, device: torch.device, kind: str = "adamw", weight_decay: float = 1e-2,
                    betas=(0.9, 0.999), eps: float = 1e-8):
-    """AdamW, fused into one kernel on CUDA; 8-bit states (bitsandbytes) with kind="adamw8bit"."""
+    """AdamW, fused into one kernel where torch has one (CUDA, CPU); 8-bit states (bitsandbytes) with
+    kind="adamw8bit"."""
     check_optimizer(kind, device)
     kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
     if kind == "adamw8bit":
         import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(params, **kw)
-    return torch.optim.AdamW(params, fused=True if device.type == "cuda" else None, **kw)
+    return torch.optim.AdamW(params, fused=True if fused_supported(device) else None, **kw)
 
 
-__all__ = ["LR_SCHEDULES", "lr_factor", "make_lr_scheduler", "check_optimizer", "make_optimizer"]
+def fused_supported(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for `device`: the whole update of every tensor in one pass over its
+    memory (m, v and θ read and written once), instead of several elementwise passes per tensor. CUDA has one, and
+    since torch 2.4 the CPU too (3–4× faster than the per-tensor loop on the CPU, equal to it up to float rounding)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return device.type in _get_fused_kernels_supported_devices()
+    except ImportError:                       # a private helper: if it moves, fuse where it always was
+        return device.type == "cuda"
+
+
+__all__ = ["LR_SCHEDULES", "lr_factor", "make_lr_scheduler", "check_optimizer", "make_optimizer", "fused_supported"]
