@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from tiny_runs import write_tiny_dataset, write_tiny_model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,3 +24,10 @@ def _threads(request):
     torch.set_num_threads((os.cpu_count() or 1) if request.node.get_closest_marker("slow") else 1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"model": str(write_tiny_model(root / "model")), "data": str(write_tiny_dataset(root / "data")),
+            "root": root}

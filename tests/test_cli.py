@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import minidiff
 from minidiff.cli import SUBCOMMANDS
-from test_finetune import write_tiny_dataset, write_tiny_model
+from tiny_runs import write_tiny_dataset, write_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--steps", "2", "--batch-size", "2", "--resolution", "16"]   # the size knobs, nothing else

@@ -6,7 +6,7 @@ from PIL import Image
 
 import minidiff
 from minidiff.compare import DEFAULT_PROMPTS, compare, grid_cell, make_grid, read_prompts
-from test_finetune import write_tiny_model
+from tiny_runs import write_tiny_model
 
 MONOGRAPH = ["A toucan", "A capybara", "A horse", "A Pokémon calculator", "A Pokémon cellphone", "A humanoid car",
              "A water type fridge", "A eletric type fridge", "A fire type fridge", "A grass type fridge",

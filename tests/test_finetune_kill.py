@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from test_finetune import tiny  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 9

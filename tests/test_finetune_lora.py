@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import minidiff
 from minidiff.train import FinetuneConfig, train
 from minidiff.lora import LORA_PRESETS, apply_lora, inject_lora
-from test_finetune import EQUIV, cfg_for, read_log, tiny  # noqa: F401  (tiny is a fixture)
+from tiny_runs import EQUIV, cfg_for, read_log
 
 CONV = dict(lora_preset="full", lora_rank=4, lora_alpha=2.0, lora_conv_rank=2, lora_conv_alpha=4.0,
             lora_text_encoder=True)
@@ -80,7 +80,7 @@ def test_both_exported_layouts_give_minidiffs_image_in_diffusers(tmp_path):
     load_lora_weights of OUT/lora.safetensors and of OUT/lora_kohya.safetensors draws the image minidiff draws with the
     merged OUT."""
     from interop_helpers import TOL, load_diffusers, ours, shared_folder, theirs
-    from test_finetune import write_tiny_dataset
+    from tiny_runs import write_tiny_dataset
     pytest.importorskip("peft")
     folder = shared_folder()
     out = tmp_path / "out"

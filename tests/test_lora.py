@@ -13,7 +13,7 @@ from minidiff.train import train
 from minidiff.lora import (LORA_PRESETS, TARGETS, TEXT_ENCODER_TARGETS, UNET_CONV_TARGETS, UNET_TARGETS, LoRAConv2d,
                            LoRALinear, apply_lora, inject_lora, lora_layers, lora_parameters, merge_lora, read_lora,
                            save_lora)
-from test_finetune import build_tiny_pipe, cfg_for, tiny  # noqa: F401  (tiny is a fixture)
+from tiny_runs import build_tiny_pipe, cfg_for
 
 
 def _inputs(unet, seed=0):

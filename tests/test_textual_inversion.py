@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import minidiff
 from minidiff.formats.embeddings import read_embedding, save_embedding
 from minidiff.train import train
-from test_finetune import cfg_for, tiny, write_tiny_dataset  # noqa: F401  (tiny is a fixture)
+from tiny_runs import cfg_for, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")

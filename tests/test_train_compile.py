@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 import minidiff
 from minidiff.train import train
-from test_finetune import build_tiny_pipe, cfg_for, write_tiny_dataset
+from tiny_runs import build_tiny_pipe, cfg_for, write_tiny_dataset
 
 LOSS_RTOL = 5e-5
 GRAD_RTOL = 1e-4

@@ -19,7 +19,7 @@ from minidiff.lora import apply_lora, inject_lora, lora_layers
 from minidiff.train import loop, train
 from minidiff.train.consistency import lcm_micro_step_loss, lcm_scheduler, teacher
 from minidiff.train.trainable import LCM_LORA_TARGETS
-from test_finetune import build_tiny_pipe, cfg_for, read_log, tiny  # noqa: F401  (tiny is a fixture)
+from tiny_runs import build_tiny_pipe, cfg_for, read_log
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "weights" / "minidiff-shapes-lcm-lora"

@@ -5,7 +5,6 @@ import torch
 
 from minidiff.data.imagefolder import ImageFolderDataset
 from minidiff.train.data import SampleStream, generator, positions
-from test_finetune import tiny  # noqa: F401  (a fixture)
 
 
 def test_every_place_has_its_own_generator():

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import minidiff
 from minidiff.train import train
-from test_finetune import cfg_for, tiny  # noqa: F401  (tiny is a fixture)
+from tiny_runs import cfg_for
 
 
 def test_output_loads_in_minidiff_and_diffusers(tiny, tmp_path):

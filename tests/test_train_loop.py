@@ -9,7 +9,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from minidiff.train import loop
-from test_finetune import cfg_for, tiny  # noqa: F401  (tiny is a fixture)
+from tiny_runs import cfg_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,7 @@ import torch
 
 from minidiff.train.data import SampleStream, collate
 from minidiff.train.objective import diffusion_loss, micro_step_loss, min_snr_weights, snr
-from test_finetune import build_tiny_pipe, tiny  # noqa: F401  (tiny is a fixture)
+from tiny_runs import build_tiny_pipe
 
 
 def test_min_snr_weights_match_diffusers():

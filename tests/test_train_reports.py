@@ -9,7 +9,7 @@ from PIL import Image
 from minidiff.compare import grid_cell
 from minidiff.train import train
 from minidiff.train.reports import render_validation
-from test_finetune import build_tiny_pipe, cfg_for, tiny  # noqa: F401  (tiny is a fixture)
+from tiny_runs import build_tiny_pipe, cfg_for
 
 
 def test_validation_grid_holds_each_prompt_and_seed():

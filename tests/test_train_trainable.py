@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 import minidiff
 from minidiff.train import train
-from test_finetune import cfg_for, tiny  # noqa: F401  (tiny is a fixture)
+from tiny_runs import cfg_for
 
 
 def test_last_up_blocks_trains_only_those(tiny, tmp_path):
