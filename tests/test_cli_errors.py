@@ -386,7 +386,7 @@ def test_every_setting_has_its_row():
     from minidiff.compare import COMPARE_FIELDS, compare
     from minidiff.recipes.tiny import RECIPE_FIELDS, Recipe
     from minidiff.settings import flag_of
-    from minidiff.train.finetune import FINETUNE_FIELDS, FinetuneConfig
+    from minidiff.train.config import FINETUNE_FIELDS, FinetuneConfig
     assert [f.name for f in dataclasses.fields(FinetuneConfig)] == list(FINETUNE_FIELDS)
     assert [f.name for f in dataclasses.fields(Recipe)] == list(RECIPE_FIELDS)
     assert set(COMPARE_FIELDS) <= set(inspect.signature(compare).parameters)

@@ -12,7 +12,8 @@ import os
 
 from ..lora import LORA_PRESETS
 from ..train.consistency import LCM_LOSSES
-from ..train.finetune import PRECISIONS, PRESETS, FinetuneConfig, train
+from ..train import train
+from ..train.config import PRECISIONS, PRESETS, FinetuneConfig
 from ..train.optim import LR_SCHEDULES
 from ..train.reports import REPORT_TO
 from ..train.trainable import TRAIN_MODES

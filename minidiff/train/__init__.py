@@ -9,12 +9,14 @@
   state.py       atomic checkpoints and exact resumption (model, optimizer, schedule, EMA, every RNG, data position)
   reports.py     train_log.jsonl, matplotlib loss/LR plots, TensorBoard, validation grids
   export.py      the diffusers folder, LoRA files, textual-inversion embeddings
-  finetune.py    `minidiff finetune`: FinetuneConfig and train(cfg), which puts the above together
+  config.py      FinetuneConfig: every setting of a run, the door's table of them (FINETUNE_FIELDS), PRESETS
+  finetune.py    `minidiff finetune`: train(cfg), which puts the above together
 
 `minidiff finetune`, the tiny model's recipe (minidiff.recipes.tiny, `minidiff train-tiny`) and benchmarks/bench_train.py all
 run loop.train_step.
 """
-from .finetune import PRESETS, FinetuneConfig, TrainingDiverged, train
-from .loop import train_step
+from .config import PRESETS, FinetuneConfig
+from .finetune import train
+from .loop import TrainingDiverged, train_step
 
 __all__ = ["FinetuneConfig", "PRESETS", "TrainingDiverged", "train", "train_step"]
