@@ -60,10 +60,6 @@ class DPMSolverMultistepScheduler(Scheduler):
         self.lower_order_nums = 0  # steps taken so far (capped at solver_order): how much history exists
         self._step_index = None
 
-    @property
-    def step_index(self):
-        return self._step_index
-
     def set_timesteps(self, num_inference_steps: int, device=None):
         """Sets self.timesteps (LongTensor [n]) and self.sigmas (σ_VE, float32 [n+1]); resets the history."""
         cfg = self._settings

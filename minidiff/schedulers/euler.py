@@ -54,10 +54,6 @@ class EulerDiscreteScheduler(Scheduler):
         """Std of x_N: σ_max, or √(σ_max² + 1) for "leading" (as diffusers)."""
         return sigma_init_noise(self.sigmas, self._settings["timestep_spacing"])
 
-    @property
-    def step_index(self):
-        return self._step_index
-
     def set_timesteps(self, num_inference_steps: int, device=None):
         """Sets self.timesteps (float32 [n]) and self.sigmas (float32 [n+1], ending in 0 or σ_min)."""
         self.num_inference_steps = n = num_inference_steps

@@ -55,10 +55,6 @@ class SecondOrderDiscreteScheduler(Scheduler):
         return sigma_init_noise(self.sigmas, self._settings["timestep_spacing"])
 
     @property
-    def step_index(self):
-        return self._step_index
-
-    @property
     def state_in_first_order(self) -> bool:
         """True when the next call is a step's first (the predictor), False when it is the corrector."""
         return self.sample is None

@@ -75,10 +75,6 @@ class LCMScheduler(Scheduler):
         self.final_alpha_cumprod = torch.tensor(1.0) if self._settings["set_alpha_to_one"] else self.alphas_cumprod[0]
         self._step_index = None
 
-    @property
-    def step_index(self):
-        return self._step_index
-
     def set_timesteps(self, num_inference_steps: int, device=None, original_inference_steps: int | None = None,
                       strength: float = 1.0):
         """Sets self.timesteps (LongTensor [n]) from the grid of original_inference_steps (default: the config's)."""

@@ -63,10 +63,6 @@ class UniPCMultistepScheduler(Scheduler):
         self.this_order = None     # the order the last predictor used (the corrector uses it too)
         self._step_index = None
 
-    @property
-    def step_index(self):
-        return self._step_index
-
     def set_timesteps(self, num_inference_steps: int, device=None):
         """Sets self.timesteps (LongTensor [n]) and self.sigmas (σ_VE, float32 [n+1]); resets the history."""
         cfg = self._settings
