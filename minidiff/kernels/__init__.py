@@ -28,8 +28,8 @@ Until a GPU run has measured them (docs/benchmarks.md) all four stay on.
 
 All three compute the same function; the differences are rounding (tests/test_kernels.py states the tolerance per
 dtype). Attention lives in its chapter (minidiff.nn.attention.attention, with its own switch `set_attention_impl`):
-torch's fused SDPA kernel is its fast path, except for long sequences in CPU inference, where `attention` below runs
-it as oneDNN matmuls (faster there: kernels/onednn.py).
+torch's fused SDPA kernel is its fast path, except for long sequences in bf16 CPU inference, where `attention` below
+runs it as oneDNN matmuls (faster there: kernels/onednn.py).
 
     from minidiff import kernels
     with kernels.use("reference"):   # run the chapters' expressions exactly
@@ -165,7 +165,7 @@ def layer_norm(x, weight, bias, eps: float):
 
 def attention(q, k, v, mask=None, causal: bool = False):
     """softmax(QKᵀ/√d + mask) V by the fastest kernel for the call: q [B, h, L, d], k, v [B, h, S, d] -> [B, h, L, d].
-    torch's fused SDPA kernel (flash / memory-efficient), or on the CPU at inference for long sequences oneDNN's
+    torch's fused SDPA kernel (flash / memory-efficient), or on the CPU at bf16 inference for long sequences oneDNN's
     matmuls (onednn.attention)."""
     if _backend != "reference" and not torch.compiler.is_compiling() and onednn.attention_applies(q, k, v, mask,
                                                                                                    causal):

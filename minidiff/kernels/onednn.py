@@ -118,16 +118,18 @@ def conv_applies(x, padding, padding_mode) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ attention, long sequences
-# From this many queries on, attention runs as the matmuls below instead of torch's fused CPU kernel: measured on a
-# 2-core AMD EPYC (avx512_bf16, no AMX) for SD's 64×64 self-attention (4096 tokens, 8 heads of 40), 0.8× the time in
-# bf16 and 0.92× in fp32 (benchmarks/attention_cpu.py); shorter sequences are left to the fused kernel.
+# From this many queries on, bf16 attention runs as the matmuls below instead of torch's fused CPU kernel. Measured on
+# a 2-core AMD EPYC (avx512_bf16, no AMX), benchmarks/attention_cpu.py: SD's 64×64 self-attention (4096 tokens, 8
+# heads of 40) in 0.76–0.86× the fused kernel's time in bf16, and a whole guided U-Net step in 0.88×. In fp32 the
+# whole step came out 0.94× in one run and 1.01× in another: no gain we can show, so fp32 stays on the fused kernel,
+# as do shorter sequences (the 32×32 level's 1024 tokens and every cross-attention).
 ATTENTION_MIN_TOKENS = 2048
 ATTENTION_CHUNK = 512   # queries per block: the [512, S] fp32 score block of S = 4096 keys (8 MB) stays in the L3 cache
 
 
 def attention_applies(q, k, v, mask, causal) -> bool:
-    """The matmul path serves CPU inference without a mask, for long sequences (see ATTENTION_MIN_TOKENS)."""
-    return (AVAILABLE and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and mask is None
+    """The matmul path serves bf16 CPU inference without a mask, for long sequences (see ATTENTION_MIN_TOKENS)."""
+    return (AVAILABLE and q.device.type == "cpu" and q.dtype == torch.bfloat16 and mask is None
             and not causal and q.shape[-2] >= ATTENTION_MIN_TOKENS and k.shape[-2] >= ATTENTION_MIN_TOKENS
             and q.dim() == 4 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                                    or v.requires_grad)))
