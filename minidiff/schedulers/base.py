@@ -278,8 +278,8 @@ class Scheduler:
         self.timesteps = torch.from_numpy(ts).to(device)
 
     # ------------------------------------------------------------------- starting mid-schedule (image-to-image)
-    # Samplers that keep a position in a σ table (Euler, Euler ancestral, LMS, Heun, DPM2, DPM-Solver++, UniPC, LCM) count steps from
-    # `step_index`. Image-to-image starts part-way down the schedule; diffusers' pipelines then call
+    # Samplers that keep a position in a σ table (Euler, Euler ancestral, LMS, Heun, DPM2, DPM-Solver++, UniPC, LCM)
+    # count steps from `step_index`. Image-to-image starts part-way down the schedule; diffusers' pipelines then call
     # set_begin_index(i) so the first step (and add_noise before it) use entry i instead of searching for t.
     _begin_index = None
     _step_index = None      # None until the first step (or set_timesteps) places it

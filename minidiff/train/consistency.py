@@ -46,7 +46,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import InputValueError
 from ..nn.lora import lora_layers
@@ -69,9 +68,9 @@ def lcm_scheduler(scheduler_config: dict, skip: int):
                           timestep_scaling=TIMESTEP_SCALING)
 
 
-def lcm_scheduler_config(scheduler_config: dict, skip: int) -> dict:
-    """The scheduler_config.json of the distilled model: LCMScheduler on the distillation's grid."""
-    cfg = dict(lcm_scheduler(scheduler_config, skip).config)
+def lcm_scheduler_config(lcm_sched) -> dict:
+    """The scheduler_config.json of the distilled model: the config of lcm_scheduler's LCMScheduler (its grid)."""
+    cfg = dict(lcm_sched.config)
     cfg.pop("_use_default_values", None)
     return cfg
 
@@ -120,7 +119,7 @@ def consistency_distance(pred: torch.Tensor, target: torch.Tensor, loss: str = "
     """d(pred, target) -> a scalar (fp32): the mean of √((x − y)² + c²) − c ("huber") or of (x − y)² ("l2")."""
     diff = pred.float() - target.float()
     if loss == "l2":
-        return F.mse_loss(pred.float(), target.float())
+        return (diff ** 2).mean()
     if loss == "huber":
         return (torch.sqrt(diff ** 2 + huber_c ** 2) - huber_c).mean()
     raise ValueError(f"--lcm-loss must be one of {LCM_LOSSES}, got {loss!r}")

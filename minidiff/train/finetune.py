@@ -200,7 +200,7 @@ def _setup(cfg: FinetuneConfig, ctx: Dist) -> Run:
     noise_sched = DDPMScheduler.from_config(pipe.scheduler_config)
     if cfg.train == "lcm-lora":          # the distilled model samples with LCM on the distillation's grid: its own
         lcm_sched = consistency.lcm_scheduler(pipe.scheduler_config, cfg.lcm_skip)   # sampler (validation, export)
-        pipe.scheduler_config = consistency.lcm_scheduler_config(pipe.scheduler_config, cfg.lcm_skip)
+        pipe.scheduler_config = consistency.lcm_scheduler_config(lcm_sched)
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
     alphas_cumprod = noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(device)   # ᾱ_t [T], on the device
     # once: add_noise would otherwise copy it from the host every micro-step (on CUDA a copy that waits for the GPU)

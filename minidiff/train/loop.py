@@ -84,7 +84,9 @@ def train_step(micro_batches, loss_fn, optimizer, params, *, lr_scheduler=None, 
     logged = [k for k, v in logs.items() if torch.is_tensor(v)]
     numbers = [loss_mean, *([] if grad_norm is None else [grad_norm]), *(logs[k] for k in logged)]
     values = torch.stack([x.detach().float().reshape(()) for x in numbers]).tolist()
-    loss_value = values[0]
+    loss_value = values.pop(0)
+    grad_norm_value = None if grad_norm is None else values.pop(0)
+    logs = {**logs, **dict(zip(logged, values))}        # the tensors' values; plain numbers stay as they came
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -106,8 +108,7 @@ def train_step(micro_batches, loss_fn, optimizer, params, *, lr_scheduler=None, 
         lr_scheduler.step()
     if ema is not None:
         ema.update(ema_params)
-    logs = {k: float(v) for k, v in {**logs, **dict(zip(logged, values[len(values) - len(logged):]))}.items()}
-    return StepResult(loss_value, lr_now, None if grad_norm is None else values[1], logs)
+    return StepResult(loss_value, lr_now, grad_norm_value, {k: float(v) for k, v in logs.items()})
 
 
 def compile_for_training(model, device, cuda_graphs: bool = True):

@@ -73,17 +73,15 @@ def micro_step_loss(batch, pipe, model, noise_sched, alphas_cumprod, prediction_
     batch: data.collate's dict; model(z_t, t, context) is the U-Net (or its DDP / compiled wrapper); noise_offset o
     and min_snr_gamma γ: the tweaks of the module docstring (0 / None: off). The frozen VAE runs in fp32 without
     gradients; the text encoder runs with gradients only when part of it trains (LoRA on it, textual inversion)."""
-    def put(x):
-        return _put(x, device)
     with torch.no_grad():
         z0 = clean_latents(batch, pipe, device)                                    # [B, C, h, w], unit variance
-        noise = put(batch["noise"])                                                # ε [B, C, h, w]
+        noise = _put(batch["noise"], device)                                       # ε [B, C, h, w]
         if noise_offset:
-            noise = noise + noise_offset * put(batch["offset"])                    # + o · δ [B, C, 1, 1]
-        t = put(batch["t"])                                                        # [B]
+            noise = noise + noise_offset * _put(batch["offset"], device)           # + o · δ [B, C, 1, 1]
+        t = _put(batch["t"], device)                                               # [B]
         zt = noise_sched.add_noise(z0, noise, t)                                   # √ᾱ z₀ + √(1−ᾱ) ε
         texts = [pipe.tokenizer.expand_multi_vector(t) for t in batch["text"]]     # "<w>" -> "<w> <w>_1 ..." (TI)
-        ids = put(pipe.tokenizer(texts))                                           # [B, 77]; "" when dropped
+        ids = _put(pipe.tokenizer(texts), device)                                  # [B, 77]; "" when dropped
         target = noise_sched.get_velocity(z0, noise, t) if prediction_type == "v_prediction" else noise
     with (nullcontext() if text_trains else torch.no_grad()), autocast():
         context = pipe.text_encoder(ids)                                           # [B, 77, d]
